@@ -1,0 +1,322 @@
+"""Pure tensor functions for RLHF: no Lightning, no models, no I/O.
+
+Every function here is small, documented with shapes and its source (the recipe detail ids refer to
+``shared/docs/rlhf-recipe.md``), and tested against hand-computed values in ``tests/test_algorithms.py``.
+
+Shape letters: ``B`` batch, ``T`` response length (tokens), ``L`` full sequence length, ``V`` vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+#: Logprob written at padded response positions (recipe P4). Any value works because the positions are
+#: masked everywhere; 1.0 is impossible for a real logprob, so a leak is easy to spot.
+INVALID_LOGPROB = 1.0
+
+#: ``all_reduce(tensor) -> tensor`` summing over data-parallel ranks; ``None`` means a single process.
+AllReduce = Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+def first_true_indices(bools: torch.Tensor, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Index of the first ``True`` in each row, or the row length when there is none.
+
+    Args:
+        bools: ``(B, T)`` boolean tensor.
+
+    Returns:
+        ``(B,)`` integer tensor with values in ``[0, T]``.
+    """
+    row_len = bools.size(-1)
+    zero_or_index = row_len * (~bools).to(dtype) + torch.arange(row_len, dtype=dtype, device=bools.device)
+    return zero_or_index.min(dim=-1).values
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """Replace every token after the first EOS of each response by PAD (recipe P3, "EOS trick").
+
+    The EOS itself is kept so that the reward model reads its score there (recipe R3).
+
+    Args:
+        responses: ``(B, T)`` sampled response token ids.
+        eos_token_id: id of the EOS token.
+        pad_token_id: id written after the first EOS.
+
+    Returns:
+        ``(B, T)`` new tensor; rows without an EOS are unchanged.
+    """
+    eos_index = first_true_indices(responses == eos_token_id)  # (B,) T when absent
+    positions = torch.arange(responses.size(1), device=responses.device).unsqueeze(0)  # (1, T)
+    return responses.masked_fill(positions > eos_index.unsqueeze(1), pad_token_id)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-pad position of each row (recipe R3), valid for left, right or no padding.
+
+    Args:
+        attention_mask: ``(B, L)`` with 1/True on real tokens. A row must contain at least one real token.
+
+    Returns:
+        ``(B,)`` long tensor.
+
+    Raises:
+        ValueError: if a row has no real token.
+    """
+    mask = attention_mask.bool()
+    if not mask.any(dim=1).all():
+        raise ValueError("last_token_index: a row of attention_mask has no real token")
+    length = mask.size(1)
+    flipped_first = first_true_indices(mask.flip(1))  # distance of the last real token from the end
+    return length - 1 - flipped_first
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each label token under temperature-scaled logits (recipe P4).
+
+    ``logits / (temperature + 1e-7)`` then ``log_softmax``, so that ratios and KL are measured in the
+    distribution the responses were sampled from. Computed in float32 whatever the input dtype.
+
+    Args:
+        logits: ``(B, T, V)`` logits that predict ``labels`` (already shifted by one position).
+        labels: ``(B, T)`` token ids.
+        temperature: sampling temperature; ``1.0`` means no scaling beyond the ``1e-7``.
+
+    Returns:
+        ``(B, T)`` float32 logprobs (nats).
+    """
+    scaled = logits.float() / (temperature + 1e-7)
+    logp = F.log_softmax(scaled, dim=-1)
+    return torch.gather(logp, 2, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the categorical distribution given by ``logits``: ``(B, T, V) -> (B, T)``."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, all_reduce: AllReduce = None) -> torch.Tensor:
+    """Sum of ``values`` where ``mask`` is true, over every rank when ``all_reduce`` is given."""
+    total = (values * mask).sum()
+    return all_reduce(total) if all_reduce is not None else total
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, all_reduce: AllReduce = None) -> torch.Tensor:
+    """Mean of ``values`` over positions where ``mask`` is true (scalar).
+
+    Args:
+        values: any shape.
+        mask: same shape, bool or 0/1.
+        all_reduce: optional cross-rank sum; when given the mean is over the positions of every rank.
+
+    Raises:
+        ValueError: if the mask selects nothing.
+    """
+    mask = mask.to(values.dtype)
+    count = masked_sum(torch.ones_like(values), mask, all_reduce)
+    if count.item() == 0:
+        raise ValueError("masked_mean: the mask selects no position")
+    return masked_sum(values, mask, all_reduce) / count
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, all_reduce: AllReduce = None) -> torch.Tensor:
+    """Variance over masked positions, with Bessel's correction when ``unbiased`` (as N+ does).
+
+    Raises:
+        ValueError: if ``unbiased`` and the mask selects fewer than two positions.
+    """
+    mask = mask.to(values.dtype)
+    mean = masked_mean(values, mask, all_reduce)
+    variance = masked_mean((values - mean) ** 2, mask, all_reduce)
+    if unbiased:
+        count = masked_sum(torch.ones_like(values), mask, all_reduce)
+        if count.item() < 2:
+            raise ValueError("masked_var: an unbiased variance needs at least two positions")
+        variance = variance * count / (count - 1)
+    return variance
+
+
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_reduce: AllReduce = None
+) -> torch.Tensor:
+    """Whiten ``values`` with the mean and (unbiased) variance of the masked positions (recipe P6).
+
+    ``(x - mean) / sqrt(var + 1e-8)``; with ``shift_mean=False`` the mean is added back, so only the scale
+    changes (N+ uses this for rewards). Positions outside the mask are transformed too: callers zero them.
+
+    Args:
+        values: ``(B, T)``.
+        mask: ``(B, T)`` bool, true on real response tokens.
+        shift_mean: subtract the mean (advantages) or keep it (rewards).
+        all_reduce: optional cross-rank sum so that the statistics cover the global batch.
+
+    Returns:
+        ``(B, T)`` tensor.
+    """
+    mean = masked_mean(values, mask, all_reduce)
+    var = masked_var(values, mask, all_reduce=all_reduce)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened
+
+
+def kl_penalty_rewards(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    scores: torch.Tensor,
+    last_index: torch.Tensor,
+    kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token rewards: KL penalty on every token plus the RM score on the last one (recipe P5).
+
+    ``kl_t = logp_t - logp_ref_t``, ``r_t = -kl_coef * kl_t``, and ``r_{last} += score``. Padded positions
+    carry the sentinel logprob in both inputs (recipe P4), so their KL and penalty are exactly 0.
+
+    Args:
+        logprobs: ``(B, T)`` policy logprobs of the response tokens at sampling time.
+        ref_logprobs: ``(B, T)`` reference-policy logprobs of the same tokens.
+        scores: ``(B,)`` reward-model scores (after the EOS penalty).
+        last_index: ``(B,)`` index of the last real response token (the EOS when there is one).
+        kl_coef: the fixed KL coefficient (0.05 in N+).
+
+    Returns:
+        ``(rewards, kl, non_score_reward)``, each ``(B, T)``.
+    """
+    kl = logprobs - ref_logprobs
+    non_score_reward = -kl_coef * kl
+    rewards = non_score_reward.clone()
+    rows = torch.arange(rewards.size(0), device=rewards.device)
+    rewards[rows, last_index] += scores.to(rewards.dtype)
+    return rewards, kl, non_score_reward
+
+
+def gae_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens (recipe P7; Schulman et al. 2016).
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` (``V_T = 0``), ``A_t = delta_t + gamma * lam * A_{t+1}``,
+    ``returns = A + V``. Padded positions must hold zero reward and zero value so nothing flows back
+    from them.
+
+    Args:
+        rewards: ``(B, T)`` per-token rewards.
+        values: ``(B, T)`` value-model estimates at sampling time.
+        gamma: discount (1.0 in N+).
+        lam: GAE lambda (0.95 in N+).
+
+    Returns:
+        ``(advantages, returns)``, each ``(B, T)``, not whitened.
+    """
+    length = rewards.size(1)
+    advantages_reversed = []
+    lastgaelam = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] if t < length - 1 else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages, advantages + values
+
+
+def ppo_policy_loss(
+    new_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate policy loss (recipe P8; Schulman et al. 2017).
+
+    ``loss = mean_mask(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))`` with ``ratio = exp(new - old)``.
+
+    Args:
+        new_logprobs: ``(B, T)`` logprobs under the policy being optimised (with grad).
+        old_logprobs: ``(B, T)`` logprobs at sampling time.
+        advantages: ``(B, T)`` (whitened) advantages.
+        mask: ``(B, T)`` bool, true on real response tokens.
+        cliprange: epsilon (0.2).
+
+    Returns:
+        ``(loss, stats)`` where stats holds detached ``approxkl`` (``0.5 * mean(diff^2)``), ``clipfrac``,
+        ``ratio`` (mean) and ``ratio_var``.
+    """
+    logprobs_diff = new_logprobs - old_logprobs
+    ratio = torch.exp(logprobs_diff)
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "approxkl": 0.5 * masked_mean(logprobs_diff**2, mask),
+            "clipfrac": masked_mean((pg_losses_clipped > pg_losses).float(), mask),
+            "ratio": masked_mean(ratio, mask),
+            "ratio_var": masked_var(ratio, mask, unbiased=False),
+        }
+    return loss, stats
+
+
+def ppo_value_loss(
+    new_values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss ``0.5 * mean_mask(max((v - R)^2, (v_clip - R)^2))`` (recipe P8).
+
+    ``v_clip = v_old + clip(v - v_old, -eps_v, eps_v)``.
+
+    Args:
+        new_values: ``(B, T)`` value predictions (with grad).
+        old_values: ``(B, T)`` values at sampling time.
+        returns: ``(B, T)`` GAE returns.
+        mask: ``(B, T)`` bool, true where the value is trained.
+        cliprange_value: eps_v (0.2).
+
+    Returns:
+        ``(loss, stats)`` with detached ``vf_clipfrac``.
+    """
+    clipped = old_values + torch.clamp(new_values - old_values, -cliprange_value, cliprange_value)
+    losses = (new_values - returns) ** 2
+    losses_clipped = (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(losses, losses_clipped), mask)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean((losses_clipped > losses).float(), mask)}
+    return loss, stats
+
+
+def pairwise_reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry reward-model loss ``mean(-logsigmoid(r_chosen - r_rejected))`` (recipe R4).
+
+    Args:
+        chosen_rewards: ``(B,)`` scores of the preferred responses.
+        rejected_rewards: ``(B,)`` scores of the other responses.
+
+    Returns:
+        scalar loss (nats).
+    """
+    return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float()).mean()
+
+
+def sequence_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over every real token of the sequence (SFT loss, recipe §1 SFT).
+
+    Position ``t`` predicts token ``t + 1``; targets at padded positions are ignored. The mean is over
+    real target tokens, as Hugging Face's ``labels`` with ``-100`` gives.
+
+    Args:
+        logits: ``(B, L, V)``.
+        input_ids: ``(B, L)`` token ids (pads may hold any id).
+        mask: ``(B, L)`` bool, true on real tokens.
+
+    Returns:
+        scalar loss (nats per token).
+    """
+    targets = input_ids[:, 1:].masked_fill(~mask[:, 1:].bool(), -100)
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)

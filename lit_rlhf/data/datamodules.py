@@ -1,0 +1,344 @@
+"""LightningDataModules for the three kinds of TL;DR data (recipe D1-D8).
+
+* :class:`SFTDataModule`: query + reference summary (supervised fine-tuning).
+* :class:`PromptDataModule`: left-padded queries only, reshuffled and repeated (PPO rollouts, recipe P9).
+* :class:`PreferenceDataModule`: OpenAI comparisons as chosen/rejected pairs (reward model, DPO).
+
+Each reads a local directory holding ``train.jsonl`` / ``validation.jsonl`` (the shared sample) or a hub
+dataset with the same columns, through ``datasets``. Examples are built with fixed shapes (asserted);
+batches then drop the columns that are padding in every row, which is exact because positions are
+derived from the attention mask.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any, Callable, Iterator, Optional
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from lit_rlhf.data.formatting import build_preference_example, build_sft_example, trim_padding
+from lit_rlhf.data.io import load_split
+from lit_rlhf.models.loading import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+SFT_FIELDS = ("subreddit", "title", "post", "summary")
+COMPARISON_FIELDS = ("info", "summaries", "choice")
+
+
+def _build(split: datasets.Dataset, builder: Callable, what: str, source: str) -> datasets.Dataset:
+    """Map rows through ``builder`` (``None`` drops the row), log how many were dropped, assert fixed shapes."""
+
+    def build_rows(rows: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {}
+        for index in range(len(next(iter(rows.values())))):
+            row = {key: values[index] for key, values in rows.items()}
+            try:
+                example = builder(row)
+            except (KeyError, ValueError) as error:
+                row_id = row.get("id") or (row.get("info") or {}).get("id")
+                raise ValueError(f"{source} ({what}), row id={row_id}: {error}") from None
+            for key, value in (example or {}).items():
+                out.setdefault(key, []).append(value)
+        return out
+
+    built = split.map(build_rows, batched=True, batch_size=1000, remove_columns=split.column_names, desc=f"formatting {what}")
+    if len(built) < len(split):
+        log.warning("%s: dropped %d of %d rows whose response exceeds the fixed length", what, len(split) - len(built), len(split))
+    if len(built) == 0:
+        raise ValueError(f"{source}: no {what} row fits the configured lengths")
+    for column in built.column_names:
+        if column.endswith("_ids"):
+            lengths = {len(ids) for ids in built[:64][column]}
+            assert len(lengths) == 1, f"{what}.{column} has varying lengths {lengths}"  # recipe D7
+    return built
+
+
+class RepeatedShuffleSampler(Sampler[int]):
+    """Yields ``num_samples`` indices: fresh permutations of ``range(num_rows)`` one after another (recipe P9).
+
+    The seed is the same on every rank (recipe P11); under DDP Lightning shards the stream across ranks.
+    """
+
+    def __init__(self, num_rows: int, num_samples: int, seed: int = 0) -> None:
+        self.num_rows, self.num_samples, self.seed = num_rows, num_samples, seed
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed)
+        produced = 0
+        while produced < self.num_samples:
+            for index in torch.randperm(self.num_rows, generator=generator).tolist():
+                if produced == self.num_samples:
+                    return
+                yield index
+                produced += 1
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class _TLDRDataModule(L.LightningDataModule):
+    """Shared loading, subsetting and collation of the TL;DR DataModules."""
+
+    #: column -> padding side, for the collator's trimming.
+    padded_columns: dict[str, str] = {}
+
+    def __init__(
+        self,
+        path: str,
+        tokenizer: str,
+        batch_size: int,
+        eval_batch_size: int,
+        query_length: int,
+        train_samples: Optional[int],
+        val_samples: Optional[int],
+        num_workers: int,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError("batch sizes must be positive")
+        self.path, self.tokenizer_name = path, tokenizer
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.query_length = query_length
+        self.train_samples, self.val_samples = train_samples, val_samples
+        self.num_workers, self.seed = num_workers, seed
+        self.tokenizer: Any = None
+        self.splits: dict[str, datasets.Dataset] = {}
+
+    def _load(self, split: str, required: tuple[str, ...], limit: Optional[int], hub_config: Optional[str] = None) -> datasets.Dataset:
+        data = load_split(self.path, split, required, hub_config)
+        return data.select(range(min(limit, len(data)))) if limit is not None else data
+
+    def _tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.tokenizer_name)
+        return self.tokenizer
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Stack ``*_ids`` columns into ``(B, L)`` long tensors, trimming all-pad columns; keep the rest as lists."""
+        pad_id = self._tokenizer().pad_token_id
+        batch: dict[str, Any] = {}
+        for key in rows[0]:
+            values = [row[key] for row in rows]
+            if key.endswith("_ids"):
+                batch[key] = trim_padding(torch.tensor(values, dtype=torch.long), pad_id, self.padded_columns[key])
+            elif isinstance(values[0], int):
+                batch[key] = torch.tensor(values, dtype=torch.long)
+            else:
+                batch[key] = values
+        return batch
+
+    def _loader(self, data: datasets.Dataset, batch_size: int, shuffle: bool = False, sampler: Optional[Sampler] = None) -> DataLoader:
+        return DataLoader(
+            data,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.splits["validation"], self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.splits.get("test", self.splits["validation"]), self.eval_batch_size)
+
+
+class SFTDataModule(_TLDRDataModule):
+    """Query + reference summary for SFT (recipe D1-D7).
+
+    Batches hold ``input_ids`` ``(B, L)`` (query + " summary" + EOS, right-padded; ``L <= max_length``),
+    ``query_ids`` ``(B, Q)`` (left-padded prompt for sampling; ``Q <= query_length``) and ``reference`` (list of
+    str). Rows whose reference exceeds ``response_length`` tokens are dropped, as in the N+ filtered dataset.
+
+    Args:
+        path: directory with ``train.jsonl``/``validation.jsonl`` or a hub dataset name.
+        tokenizer: model name or directory whose tokenizer to use (a ``[PAD]`` token is added, recipe D6).
+        query_length: query budget for clever truncation and left padding (recipe D3/D4: 512).
+        response_length: maximum reference length in tokens, EOS included (recipe D7: 53).
+        max_length: fixed length of query + reference (recipe D7: 562).
+        batch_size: training batch size per device.
+        eval_batch_size: validation batch size per device.
+        train_samples: use only the first N training rows (``None`` = all).
+        val_samples: use only the first N validation rows.
+        num_workers: DataLoader workers.
+        seed: shuffling seed, shared by every rank.
+    """
+
+    padded_columns = {"input_ids": "right", "query_ids": "left"}
+
+    def __init__(
+        self,
+        path: str = "../shared/data/tldr/sft",
+        tokenizer: str = "smollm2-135m",
+        query_length: int = 512,
+        response_length: int = 53,
+        max_length: int = 562,
+        batch_size: int = 8,
+        eval_batch_size: int = 8,
+        train_samples: Optional[int] = None,
+        val_samples: Optional[int] = None,
+        num_workers: int = 0,
+        seed: int = 1,
+    ) -> None:
+        super().__init__(path, tokenizer, batch_size, eval_batch_size, query_length, train_samples, val_samples, num_workers, seed)
+        self.response_length, self.max_length = response_length, max_length
+
+    def build(self, split: str, limit: Optional[int]) -> datasets.Dataset:
+        builder = partial(
+            build_sft_example,
+            tokenizer=self._tokenizer(),
+            query_length=self.query_length,
+            response_length=self.response_length,
+            max_length=self.max_length,
+        )
+        return _build(self._load(split, SFT_FIELDS, limit), builder, f"sft/{split}", self.path)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if stage in (None, "fit"):
+            self.splits.setdefault("train", self.build("train", self.train_samples))
+        self.splits.setdefault("validation", self.build("validation", self.val_samples))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.splits["train"], self.batch_size, shuffle=True)
+
+
+class PromptDataModule(SFTDataModule):
+    """Queries only, for PPO rollouts: left-padded, reshuffled and repeated (recipe D4, P9).
+
+    Batches hold ``query_ids`` ``(B, Q)`` and ``reference`` (list of str). The training loader yields
+    ``total_episodes`` prompts in all (fresh permutations of the training rows one after another; with
+    several ranks Lightning shards this stream), so one epoch of it is the whole PPO run.
+
+    Args:
+        total_episodes: prompts sampled over the run (recipe P9: 1,000,000); ``batch_size`` of them per
+            update and rank.
+        (others): as :class:`SFTDataModule`.
+    """
+
+    padded_columns = {"query_ids": "left"}
+
+    def __init__(
+        self,
+        path: str = "../shared/data/tldr/sft",
+        tokenizer: str = "smollm2-135m",
+        query_length: int = 512,
+        response_length: int = 53,
+        max_length: int = 562,
+        batch_size: int = 64,
+        eval_batch_size: int = 64,
+        total_episodes: int = 1_000_000,
+        train_samples: Optional[int] = None,
+        val_samples: Optional[int] = None,
+        num_workers: int = 0,
+        seed: int = 1,
+    ) -> None:
+        super().__init__(path, tokenizer, query_length, response_length, max_length, batch_size, eval_batch_size, train_samples, val_samples, num_workers, seed)
+        self.total_episodes = total_episodes
+
+    def build(self, split: str, limit: Optional[int]) -> datasets.Dataset:
+        return super().build(split, limit).remove_columns("input_ids")
+
+    def train_dataloader(self) -> DataLoader:
+        train = self.splits["train"]
+        return self._loader(train, self.batch_size, sampler=RepeatedShuffleSampler(len(train), self.total_episodes, self.seed))
+
+
+class PreferenceDataModule(_TLDRDataModule):
+    """OpenAI comparisons as chosen/rejected pairs (recipe D1, D5, D7; R4-R6).
+
+    Batches hold ``chosen_ids``/``rejected_ids`` ``(B, L)`` (query + summary + EOS, right-padded),
+    ``query_ids`` ``(B, Q)``, ``batch`` ``(B,)`` (index into :attr:`batch_names`) and ``confidence`` ``(B,)``
+    (labeller confidence 1-9, -1 when absent). ``choice`` selects the chosen summary; rows with an ``article``
+    use the CNN/DM template. For the reward normalisation of recipe R5, :meth:`normalization_dataloader`
+    serves SFT (query + reference) sequences from ``sft_path``.
+
+    Args:
+        path: directory with the comparisons' ``train.jsonl``/``validation.jsonl``, or ``openai/summarize_from_feedback``.
+        hub_config: the hub configuration (``comparisons``) when ``path`` is a hub name.
+        response_length: maximum summary length, EOS included (recipe D7: 169).
+        max_length: fixed length of query + summary (recipe D7: 638).
+        sft_path: SFT data for the reward normalisation (recipe R5); ``None`` disables it.
+        normalization_samples: number of SFT training rows used for R5 (``None`` = all).
+        sft_response_length / sft_max_length: SFT shapes for those rows (53 / 562).
+        (others): as :class:`SFTDataModule`.
+    """
+
+    padded_columns = {"chosen_ids": "right", "rejected_ids": "right", "query_ids": "left", "input_ids": "right"}
+
+    def __init__(
+        self,
+        path: str = "../shared/data/tldr/comparisons",
+        tokenizer: str = "smollm2-135m",
+        hub_config: Optional[str] = "comparisons",
+        query_length: int = 512,
+        response_length: int = 169,
+        max_length: int = 638,
+        batch_size: int = 8,
+        eval_batch_size: int = 8,
+        train_samples: Optional[int] = None,
+        val_samples: Optional[int] = None,
+        sft_path: Optional[str] = "../shared/data/tldr/sft",
+        normalization_samples: Optional[int] = None,
+        sft_response_length: int = 53,
+        sft_max_length: int = 562,
+        num_workers: int = 0,
+        seed: int = 1,
+    ) -> None:
+        super().__init__(path, tokenizer, batch_size, eval_batch_size, query_length, train_samples, val_samples, num_workers, seed)
+        self.hub_config, self.response_length, self.max_length = hub_config, response_length, max_length
+        self.sft_path, self.normalization_samples = sft_path, normalization_samples
+        self.sft_response_length, self.sft_max_length = sft_response_length, sft_max_length
+        self.batch_names: list[str] = []
+
+    def build(self, split: str, limit: Optional[int]) -> datasets.Dataset:
+        builder = partial(
+            build_preference_example,
+            tokenizer=self._tokenizer(),
+            query_length=self.query_length,
+            response_length=self.response_length,
+            max_length=self.max_length,
+        )
+        return _build(self._load(split, COMPARISON_FIELDS, limit, self.hub_config), builder, f"comparisons/{split}", self.path)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if stage in (None, "fit"):
+            self.splits.setdefault("train", self.build("train", self.train_samples))
+        self.splits.setdefault("validation", self.build("validation", self.val_samples))
+        names = set()
+        for data in self.splits.values():
+            names.update(data.unique("batch"))
+        self.batch_names = sorted(names)
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().collate(rows)
+        if "batch" in batch:
+            batch["batch"] = torch.tensor([self.batch_names.index(name) for name in batch["batch"]], dtype=torch.long)
+        return batch
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.splits["train"], self.batch_size, shuffle=True)
+
+    def normalization_dataloader(self) -> DataLoader:
+        """SFT training rows as ``input_ids`` (query + reference) for the reward bias of recipe R5.
+
+        Raises:
+            ValueError: when ``sft_path`` is ``None``.
+        """
+        if self.sft_path is None:
+            raise ValueError("reward normalisation (recipe R5) needs data.sft_path")
+        sft = SFTDataModule(
+            self.sft_path, self.tokenizer_name, self.query_length, self.sft_response_length, self.sft_max_length,
+            train_samples=self.normalization_samples, seed=self.seed,
+        )
+        sft.tokenizer = self._tokenizer()
+        data = sft.build("train", self.normalization_samples).remove_columns(["query_ids"])
+        return self._loader(data, self.eval_batch_size)

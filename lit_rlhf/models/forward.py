@@ -1,0 +1,115 @@
+"""Forward passes shared by every stage: pad handling (recipe D6), response logprobs (P4), scores (R3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+
+from lit_rlhf.algorithms import INVALID_LOGPROB, last_token_index, logprobs_from_logits
+
+
+def model_inputs(ids: torch.Tensor, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Model keyword arguments for a padded batch (recipe D6).
+
+    Pad ids are replaced by 0 (the ``[PAD]`` id may lie outside the embedding matrix, which is never
+    resized), masked out by the attention mask, and positions count real tokens only, so left, right and
+    inner padding all give the same outputs at real positions.
+
+    Args:
+        ids: ``(B, L)`` token ids with ``pad_token_id`` at padded positions.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` and ``position_ids``, each ``(B, L)``.
+    """
+    mask = ids != pad_token_id
+    position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": ids.masked_fill(~mask, 0), "attention_mask": mask.long(), "position_ids": position_ids}
+
+
+def response_logprobs(
+    model: nn.Module,
+    query_responses: torch.Tensor,
+    context_length: int,
+    pad_token_id: int,
+    temperature: float,
+    return_entropy: bool = False,
+) -> Any:
+    """Logprobs of the response tokens under ``model`` with temperature-scaled logits (recipe P4).
+
+    Only the logits that predict response tokens are computed (``logits_to_keep``). Padded response positions
+    get :data:`~lit_rlhf.algorithms.INVALID_LOGPROB`.
+
+    Args:
+        model: a causal LM.
+        query_responses: ``(B, Q + T)``: left-padded queries followed by responses.
+        context_length: ``Q``.
+        temperature: the sampling temperature.
+        return_entropy: also return the ``(B, T)`` entropy of the scaled distribution.
+
+    Returns:
+        ``(B, T)`` float32 logprobs, or ``(logprobs, entropy)``.
+    """
+    responses = query_responses[:, context_length:]
+    length = responses.size(1)
+    logits = model(**model_inputs(query_responses, pad_token_id), logits_to_keep=length + 1).logits[:, :-1]  # (B, T, V)
+    logprobs = logprobs_from_logits(logits, responses, temperature)
+    logprobs = logprobs.masked_fill(responses == pad_token_id, INVALID_LOGPROB)
+    if not return_entropy:
+        return logprobs
+    scaled = logits.float() / (temperature + 1e-7)
+    probs = torch.softmax(scaled, dim=-1)
+    entropy = torch.logsumexp(scaled, dim=-1) - (probs * scaled).sum(-1)
+    return logprobs, entropy
+
+
+def sequence_scores(scalar_model: nn.Module, ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Score of each sequence at its last non-pad token (recipe R3), after the model's bias (R5).
+
+    Args:
+        scalar_model: a :class:`~lit_rlhf.models.scalar.ScalarModel`.
+        ids: ``(B, L)`` padded sequences (any padding side).
+
+    Returns:
+        ``(B,)`` float32 scores.
+    """
+    inputs = model_inputs(ids, pad_token_id)
+    values = scalar_model(**inputs).float()  # (B, L)
+    rows = torch.arange(ids.size(0), device=ids.device)
+    return values[rows, last_token_index(inputs["attention_mask"])]
+
+
+@torch.no_grad()
+def generate(
+    model: Any, queries: torch.Tensor, pad_token_id: int, eos_token_id: int, max_new_tokens: int, temperature: float
+) -> torch.Tensor:
+    """Sample exactly ``max_new_tokens`` tokens after each left-padded query (recipe P2).
+
+    EOS may be sampled at any step but never stops generation and is never suppressed; tokens after the
+    first EOS are replaced later by :func:`~lit_rlhf.algorithms.truncate_after_eos` (P3).
+
+    Args:
+        model: a causal LM with ``generate``.
+        queries: ``(B, Q)`` left-padded query ids.
+
+    Returns:
+        ``(B, T)`` response ids, ``T = max_new_tokens``.
+    """
+    inputs = model_inputs(queries, pad_token_id)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature + 1e-7,
+        top_k=0,
+        top_p=1.0,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    # position_ids are rebuilt from the attention mask inside generate; pass ids with pads replaced.
+    output = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], generation_config=config)
+    responses = output[:, queries.size(1) :]
+    if responses.size(1) != max_new_tokens:
+        raise RuntimeError(f"generate returned {responses.size(1)} tokens instead of {max_new_tokens}: did EOS stop it?")
+    return responses

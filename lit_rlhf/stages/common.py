@@ -1,0 +1,75 @@
+"""What the stage modules share: optimiser and schedule, sample decoding, freezing."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from lit_rlhf.algorithms import truncate_after_eos
+
+
+def adamw_with_schedule(
+    parameters: Iterable[nn.Parameter], lr: float, eps: float, weight_decay: float, total_steps: int, schedule: str
+) -> dict[str, Any]:
+    """AdamW and a per-step schedule without warm-up, as Lightning's ``configure_optimizers`` returns them.
+
+    Args:
+        schedule: ``"cosine"`` (SFT, RM, DPO: cosine to 0), ``"linear"`` (PPO, recipe P8: linear to 0) or
+            ``"constant"``.
+        total_steps: optimiser steps over the run.
+
+    Raises:
+        ValueError: for an unknown schedule.
+    """
+    params = [p for p in parameters if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=weight_decay)
+    total = max(1, int(total_steps))
+    if schedule == "cosine":
+        factor = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
+    elif schedule == "linear":
+        factor = lambda step: max(0.0, 1.0 - step / total)  # noqa: E731
+    elif schedule == "constant":
+        factor = lambda step: 1.0  # noqa: E731
+    else:
+        raise ValueError(f"unknown schedule '{schedule}' (cosine, linear, constant)")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def decode_responses(tokenizer: Any, responses: torch.Tensor) -> list[str]:
+    """Text of each response up to and excluding its first EOS (``(B, T)`` ids -> B strings)."""
+    truncated = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return [text.strip() for text in tokenizer.batch_decode(truncated, skip_special_tokens=True)]
+
+
+def decode_query(tokenizer: Any, query_ids: torch.Tensor, max_chars: int = 300) -> str:
+    """Readable tail of a left-padded query for sample tables (the post's end and ``TL;DR:``)."""
+    text = tokenizer.decode(query_ids, skip_special_tokens=True)
+    return text if len(text) <= max_chars else "…" + text[-max_chars:]
+
+
+def freeze_bottom_layers(model: nn.Module, trainable_layers: Optional[int]) -> nn.Module:
+    """Train only the top ``trainable_layers`` transformer blocks (plus final norm and any head).
+
+    Embeddings (and a tied LM head) and the lower blocks get ``requires_grad=False``; the backward pass then
+    stops at the lowest trainable block, which is what makes CPU runs affordable. ``None`` trains everything.
+
+    Raises:
+        ValueError: if the model's blocks cannot be found or ``trainable_layers`` is out of range.
+    """
+    if trainable_layers is None:
+        return model
+    base = getattr(model, "backbone", None) or model.get_decoder()  # ScalarModel or a causal LM
+    layers = getattr(base, "layers", None) or getattr(base, "h", None)
+    if layers is None:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} to freeze")
+    if not 0 <= trainable_layers <= len(layers):
+        raise ValueError(f"trainable_layers={trainable_layers} outside [0, {len(layers)}]")
+    embeddings = model.get_input_embeddings()
+    for module in [embeddings, *layers[: len(layers) - trainable_layers]]:
+        for param in module.parameters():
+            param.requires_grad_(False)
+    return model

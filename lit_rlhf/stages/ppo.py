@@ -1,0 +1,310 @@
+"""PPO with manual optimisation and its own rollout loop (recipe P1-P11).
+
+One ``training_step`` is one PPO update and reads in the order of the N+ code: rollout, response
+processing, rewards, advantages, then the epoch / minibatch loop. The math lives in
+:mod:`lit_rlhf.algorithms`; this module only wires models and data to it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from lit_rlhf.algorithms import (
+    INVALID_LOGPROB,
+    first_true_indices,
+    gae_advantages,
+    kl_penalty_rewards,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    truncate_after_eos,
+)
+from lit_rlhf.models.forward import generate, model_inputs, response_logprobs, sequence_scores
+from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
+from lit_rlhf.models.scalar import ScalarModel
+from lit_rlhf.stages.common import adamw_with_schedule, decode_query, decode_responses, freeze_bottom_layers
+
+#: Recipe P11: per-rank seed offset.
+RANK_SEED_STRIDE = 100003
+
+
+class PPOModule(L.LightningModule):
+    """PPO on a reward model with a fixed-coefficient KL penalty (recipe P1-P11, N+ defaults).
+
+    Args:
+        policy: SFT checkpoint; initialises the policy and the frozen reference policy (P1).
+        reward_model: trained reward model directory (frozen).
+        value_model: initialises the value model, a separate network (P1); ``None`` = ``reward_model``.
+        response_length: tokens sampled per response (P2: 53).
+        temperature: sampling temperature, also used to scale logits for logprobs (P2, P4: 0.7).
+        truncate_after_eos: replace tokens after the first EOS by PAD before scoring (P3).
+        non_eos_penalty: responses without EOS get ``penalty_reward_value`` as score (P3).
+        penalty_reward_value: that score (P3: -1).
+        kl_coef: fixed KL coefficient of the per-token penalty (P5: 0.05).
+        whiten_rewards: whiten rewards before GAE (P6: off).
+        gamma: GAE discount (P7: 1).
+        lam: GAE lambda (P7: 0.95).
+        num_ppo_epochs: passes over each rollout batch (P8: 4).
+        num_mini_batches: minibatches per epoch (P8: 1).
+        micro_batch_size: rows per forward/backward inside a minibatch (gradient accumulation; ``None`` = the
+            whole minibatch). Memory only; the update is the same.
+        cliprange: policy ratio clip (P8: 0.2).
+        cliprange_value: value clip (P8: 0.2).
+        vf_coef: value-loss weight (P8: 0.1).
+        lr: AdamW learning rate (P8: 3e-6), annealed linearly to 0 over the updates.
+        eps: AdamW epsilon (P8: 1e-5).
+        weight_decay: AdamW weight decay.
+        anneal_lr: linear annealing on (P8) or a constant rate.
+        seed: base seed; rank ``r`` samples with ``seed + r * 100003`` (P11).
+        rollout_batch_size: rows per no-grad forward during the rollout (``None`` = all at once).
+        num_samples: rows kept for the validation sample table.
+        trainable_layers: train only the top N blocks of policy and value model (``None`` = all).
+    """
+
+    def __init__(
+        self,
+        policy: str = "smollm2-135m",
+        reward_model: str = "runs/rm/model",
+        value_model: Optional[str] = None,
+        response_length: int = 53,
+        temperature: float = 0.7,
+        truncate_after_eos: bool = True,
+        non_eos_penalty: bool = True,
+        penalty_reward_value: float = -1.0,
+        kl_coef: float = 0.05,
+        whiten_rewards: bool = False,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        num_ppo_epochs: int = 4,
+        num_mini_batches: int = 1,
+        micro_batch_size: Optional[int] = None,
+        cliprange: float = 0.2,
+        cliprange_value: float = 0.2,
+        vf_coef: float = 0.1,
+        lr: float = 3e-6,
+        eps: float = 1e-5,
+        weight_decay: float = 0.0,
+        anneal_lr: bool = True,
+        seed: int = 1,
+        rollout_batch_size: Optional[int] = None,
+        num_samples: int = 8,
+        trainable_layers: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints leave out the frozen reference policy and reward model
+        self.val_scores, self.val_kl, self.val_length, self.val_eos = MeanMetric(), MeanMetric(), MeanMetric(), MeanMetric()
+        self.validation_samples: list[dict[str, Any]] = []
+        self.policy: Any = None
+        self.tokenizer: Any = None
+
+    # ------------------------------------------------------------------ models
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(hp.policy)
+        self.policy = freeze_bottom_layers(load_causal_lm(hp.policy), hp.trainable_layers)
+        self.ref_policy = load_causal_lm(hp.policy).requires_grad_(False).eval()
+        self.reward_model = ScalarModel.load(hp.reward_model).requires_grad_(False).eval()
+        self.value_model = freeze_bottom_layers(ScalarModel.load(hp.value_model or hp.reward_model), hp.trainable_layers)
+
+    def on_fit_start(self) -> None:
+        torch.manual_seed(self.hparams.seed + self.global_rank * RANK_SEED_STRIDE)  # recipe P11
+        self._start_time = time.time()
+
+    def _chunks(self, size: int) -> list[slice]:
+        step = self.hparams.rollout_batch_size or size
+        return [slice(i, i + step) for i in range(0, size, step)]
+
+    def values(self, query_responses: torch.Tensor, context_length: int) -> torch.Tensor:
+        """Value estimates ``(B, T)`` at the state before each response token."""
+        values = self.value_model(**model_inputs(query_responses, self.tokenizer.pad_token_id))
+        return values[:, context_length - 1 : -1].float()
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    @torch.no_grad()
+    def rollout(self, queries: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sample responses and score them: everything PPO needs from the old policy (recipe P2-P7).
+
+        Args:
+            queries: ``(B, Q)`` left-padded query ids.
+
+        Returns:
+            dict of ``query_responses`` ``(B, Q+T)`` (post-processed), ``responses`` ``(B, T)`` (raw samples),
+            ``padding_mask``, ``logprobs``, ``ref_logprobs``, ``values``, ``rewards``, ``kl``,
+            ``non_score_reward``, ``advantages``, ``returns`` (each ``(B, T)``) and ``scores`` ``(B,)``.
+        """
+        hp, tok = self.hparams, self.tokenizer
+        pad, eos, context_length = tok.pad_token_id, tok.eos_token_id, queries.size(1)
+        # 1. rollout: exactly `response_length` tokens, EOS does not stop sampling (P2)
+        responses = generate(self.policy, queries, pad, eos, hp.response_length, hp.temperature)  # (B, T)
+        # 2. response processing: truncate after the first EOS (P3)
+        postprocessed = truncate_after_eos(responses, eos, pad) if hp.truncate_after_eos else responses  # (B, T)
+        query_responses = torch.cat([queries, postprocessed], dim=1)  # (B, Q+T)
+        # 3. logprobs of policy and reference with temperature-scaled logits (P4), values and RM scores
+        logprobs, ref_logprobs, values, scores = [], [], [], []
+        for part in self._chunks(queries.size(0)):
+            qr = query_responses[part]
+            logprobs.append(response_logprobs(self.policy, qr, context_length, pad, hp.temperature))
+            ref_logprobs.append(response_logprobs(self.ref_policy, qr, context_length, pad, hp.temperature))
+            values.append(self.values(qr, context_length))
+            scores.append(sequence_scores(self.reward_model, qr, pad))
+        logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)  # (B, T)
+        values, scores = torch.cat(values), torch.cat(scores)  # (B, T), (B,)
+        # 4. no EOS -> penalty score (P3); mask positions after the last real token (P4)
+        last_index = first_true_indices(postprocessed == pad) - 1  # (B,) index of EOS / last token
+        if hp.non_eos_penalty:
+            contains_eos = (postprocessed == eos).any(dim=1)
+            scores = torch.where(contains_eos, scores, torch.full_like(scores, hp.penalty_reward_value))
+        positions = torch.arange(postprocessed.size(1), device=queries.device).unsqueeze(0)  # (1, T)
+        padding_mask = positions > last_index.unsqueeze(1)  # (B, T) true on pads
+        logprobs = logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
+        ref_logprobs = ref_logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
+        values = values.masked_fill(padding_mask, 0.0)
+        # 5. rewards: per-token KL penalty, RM score on the last token (P5)
+        rewards, kl, non_score_reward = kl_penalty_rewards(logprobs, ref_logprobs, scores, last_index, hp.kl_coef)
+        if hp.whiten_rewards:  # P6 (off by default)
+            rewards = masked_whiten(rewards, ~padding_mask, shift_mean=False, all_reduce=self._all_reduce)
+            rewards = rewards.masked_fill(padding_mask, 0.0)
+        # 6. advantages and returns: GAE (P7), advantages whitened over the global batch (P6)
+        advantages, returns = gae_advantages(rewards, values, hp.gamma, hp.lam)
+        advantages = masked_whiten(advantages, ~padding_mask, all_reduce=self._all_reduce).masked_fill(padding_mask, 0.0)
+        return {
+            "query_responses": query_responses, "responses": responses, "padding_mask": padding_mask,
+            "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "scores": scores,
+            "rewards": rewards, "kl": kl, "non_score_reward": non_score_reward,
+            "advantages": advantages, "returns": returns,
+        }
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        hp = self.hparams
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        queries = batch["query_ids"]  # (B, Q)
+        context_length, batch_size = queries.size(1), queries.size(0)
+        data = self.rollout(queries)
+        mask = ~data["padding_mask"]  # (B, T) real response tokens
+
+        # 7. PPO epochs over minibatches (P8), gradient accumulation over micro-batches
+        mini_batch_size = batch_size // hp.num_mini_batches
+        micro_batch_size = min(hp.micro_batch_size or mini_batch_size, mini_batch_size)
+        stats: dict[str, list[torch.Tensor]] = {}
+        for _ in range(hp.num_ppo_epochs):
+            order = torch.randperm(batch_size, device=queries.device)
+            for mini_start in range(0, batch_size, mini_batch_size):
+                mini = order[mini_start : mini_start + mini_batch_size]
+                micro_batches = mini.split(micro_batch_size)
+                for micro in micro_batches:
+                    qr = data["query_responses"][micro]
+                    new_logprobs, entropy = response_logprobs(self.policy, qr, context_length, self.tokenizer.pad_token_id, hp.temperature, return_entropy=True)
+                    new_logprobs = new_logprobs.masked_fill(data["padding_mask"][micro], INVALID_LOGPROB)
+                    new_values = self.values(qr, context_length).masked_fill(data["padding_mask"][micro], 0.0)
+                    pg_loss, pg_stats = ppo_policy_loss(new_logprobs, data["logprobs"][micro], data["advantages"][micro], mask[micro], hp.cliprange)
+                    vf_loss, vf_stats = ppo_value_loss(new_values, data["values"][micro], data["returns"][micro], mask[micro], hp.cliprange_value)
+                    loss = pg_loss + hp.vf_coef * vf_loss
+                    self.manual_backward(loss / len(micro_batches))
+                    step_stats = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/entropy": masked_mean(entropy.detach(), mask[micro]), **pg_stats, **vf_stats}
+                    for key, value in step_stats.items():
+                        stats.setdefault(key, []).append(value)
+                optimizer.step()
+                optimizer.zero_grad()
+        self.log_update(data, stats, batch_size, batch_idx)
+        if hp.anneal_lr:
+            scheduler.step()
+
+    def log_update(self, data: dict[str, torch.Tensor], stats: dict[str, list[torch.Tensor]], batch_size: int, batch_idx: int) -> None:
+        """Log the N+ metrics (recipe P10), averaged over ranks."""
+        mask = ~data["padding_mask"]
+        mean = lambda key: torch.stack(stats[key]).mean()  # noqa: E731
+        metrics = {
+            "objective/kl": data["kl"].sum(1).mean(),
+            "objective/entropy": (-data["logprobs"] * mask).sum(1).mean(),
+            "objective/non_score_reward": data["non_score_reward"].sum(1).mean(),
+            "objective/rlhf_reward": (data["scores"] + data["non_score_reward"].sum(1)).mean(),
+            "objective/scores": data["scores"].mean(),
+            "policy/approxkl": mean("approxkl"),
+            "policy/clipfrac": mean("clipfrac"),
+            "policy/entropy": mean("policy/entropy"),
+            "loss/policy": mean("loss/policy"),
+            "loss/value": mean("loss/value"),
+            "val/clipfrac": mean("vf_clipfrac"),
+            "val/ratio": mean("ratio"),
+            "val/ratio_var": mean("ratio_var"),
+            "val/num_eos_tokens": (data["responses"] == self.tokenizer.eos_token_id).sum().float(),
+            "objective/response_length": mask.sum(1).float().mean(),
+            "lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
+        }
+        self.log_dict(metrics, sync_dist=True, batch_size=batch_size)
+        episodes = (batch_idx + 1) * batch_size * self.trainer.world_size
+        self.log("eps", episodes / max(1e-6, time.time() - self._start_time), prog_bar=True, rank_zero_only=True)
+        self.log("objective/scores_mean", metrics["objective/scores"], prog_bar=True, sync_dist=True, batch_size=batch_size)
+
+    # -------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self.validation_samples = []
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Mean RM score, KL to the reference (sum over tokens) and length of sampled responses.
+
+        Sampling uses the rollout settings with a fixed seed per batch and rank, so a policy evaluated twice
+        sees the same random numbers.
+        """
+        hp, tok = self.hparams, self.tokenizer
+        queries = batch["query_ids"]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hp.seed + batch_idx + self.global_rank * RANK_SEED_STRIDE)
+            responses = generate(self.policy, queries, tok.pad_token_id, tok.eos_token_id, hp.response_length, hp.temperature)
+        postprocessed = truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id)
+        query_responses = torch.cat([queries, postprocessed], dim=1)
+        scores = sequence_scores(self.reward_model, query_responses, tok.pad_token_id)
+        contains_eos = (postprocessed == tok.eos_token_id).any(dim=1)
+        if hp.non_eos_penalty:
+            scores = torch.where(contains_eos, scores, torch.full_like(scores, hp.penalty_reward_value))
+        mask = postprocessed != tok.pad_token_id
+        logprobs = response_logprobs(self.policy, query_responses, queries.size(1), tok.pad_token_id, hp.temperature)
+        ref_logprobs = response_logprobs(self.ref_policy, query_responses, queries.size(1), tok.pad_token_id, hp.temperature)
+        self.val_scores.update(scores)
+        self.val_kl.update(((logprobs - ref_logprobs) * mask).sum(1))
+        self.val_length.update(mask.sum(1).float())
+        self.val_eos.update(contains_eos.float())
+        texts = decode_responses(tok, responses)
+        for row in range(len(texts)):
+            if len(self.validation_samples) < hp.num_samples:
+                self.validation_samples.append({
+                    "query": decode_query(tok, queries[row]), "response": texts[row],
+                    "reference": batch["reference"][row], "score": float(scores[row]),
+                })
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = {"eval/scores": self.val_scores, "eval/kl": self.val_kl, "eval/response_length": self.val_length, "eval/eos_fraction": self.val_eos}
+        self.log_dict({key: metric.compute() for key, metric in metrics.items()})
+        for metric in metrics.values():
+            metric.reset()
+
+    # ------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        """One AdamW over policy + value model (P1), linear annealing per update (P8)."""
+        hp = self.hparams
+        params = list(self.policy.parameters()) + list(self.value_model.parameters())
+        return adamw_with_schedule(params, hp.lr, hp.eps, hp.weight_decay, self.trainer.estimated_stepping_batches, "linear")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the frozen reference policy and reward model out of Lightning checkpoints (they are on disk)."""
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(("ref_policy.", "reward_model."))}
+
+    def save_hf(self, directory: Path) -> None:
+        """Write the policy and tokenizer in Hugging Face format (the value model goes to ``value/``)."""
+        self.policy.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        self.value_model.save_pretrained(Path(directory) / "value")

@@ -1,0 +1,159 @@
+"""Reward-model training on human comparisons (recipe R1-R7)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from lit_rlhf.algorithms import pairwise_reward_loss
+from lit_rlhf.evaluation.metrics import GroupedAccuracy
+from lit_rlhf.models.forward import sequence_scores
+from lit_rlhf.models.loading import load_tokenizer
+from lit_rlhf.models.scalar import ScalarModel
+from lit_rlhf.stages.common import adamw_with_schedule, freeze_bottom_layers
+
+log = logging.getLogger(__name__)
+
+
+def right_to_left_padding(ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Move each row's right padding to the left: ``(B, L) -> (B, L)`` (for the padding check, recipe R7)."""
+    lengths = (ids != pad_token_id).sum(1)
+    shifted = torch.full_like(ids, pad_token_id)
+    for row, length in enumerate(lengths.tolist()):
+        shifted[row, ids.size(1) - length :] = ids[row, :length]
+    return shifted
+
+
+class RewardModule(L.LightningModule):
+    """Scalar reward model trained with ``-logsigmoid(r_chosen - r_rejected)`` (recipe R4).
+
+    Validation logs the loss, accuracy overall / per comparison ``batch`` / per labeller confidence (R6),
+    the mean chosen and rejected scores, and the left/right padding check (R7). After training the mean
+    score of (query, reference summary) on SFT training rows becomes the model's bias (R5).
+
+    Args:
+        model: the SFT checkpoint whose transformer becomes the backbone (recipe R1).
+        lr: AdamW learning rate (recipe R4: 3e-6), cosine to 0.
+        eps: AdamW epsilon (1e-5).
+        weight_decay: AdamW weight decay.
+        normalize: compute the R5 bias after training.
+        padding_rtol: tolerance of the R7 padding check (1e-2); a larger difference is logged as a warning.
+        trainable_layers: train only the top N blocks plus the head (``None`` = all).
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        lr: float = 3e-6,
+        eps: float = 1e-5,
+        weight_decay: float = 0.0,
+        normalize: bool = True,
+        padding_rtol: float = 1e-2,
+        trainable_layers: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.by_batch = GroupedAccuracy()
+        self.by_confidence = GroupedAccuracy()
+        self.chosen_mean, self.rejected_mean = MeanMetric(), MeanMetric()
+        self.reward_model: Any = None
+        self.tokenizer: Any = None
+
+    def configure_model(self) -> None:
+        if self.reward_model is None:
+            self.tokenizer = load_tokenizer(self.hparams.model)
+            self.reward_model = freeze_bottom_layers(ScalarModel.from_backbone(self.hparams.model), self.hparams.trainable_layers)
+
+    def pair_scores(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores ``(B,)`` of the chosen and rejected sequences, from one forward over both."""
+        chosen, rejected, pad = batch["chosen_ids"], batch["rejected_ids"], self.tokenizer.pad_token_id
+        width = max(chosen.size(1), rejected.size(1))
+        ids = torch.cat([F.pad(chosen, (0, width - chosen.size(1)), value=pad), F.pad(rejected, (0, width - rejected.size(1)), value=pad)])
+        scores = sequence_scores(self.reward_model, ids, pad)  # (2B,)
+        return scores[: chosen.size(0)], scores[chosen.size(0) :]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        chosen, rejected = self.pair_scores(batch)
+        loss = pairwise_reward_loss(chosen, rejected)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/accuracy", (chosen > rejected).float().mean(), prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        chosen, rejected = self.pair_scores(batch)
+        correct = chosen > rejected
+        self.log("val/loss", pairwise_reward_loss(chosen, rejected), sync_dist=True, batch_size=chosen.size(0))
+        self.by_batch.update(correct, batch["batch"])
+        self.by_confidence.update(correct, batch["confidence"])
+        self.chosen_mean.update(chosen)
+        self.rejected_mean.update(rejected)
+        if batch_idx == 0:
+            self.padding_check(batch["chosen_ids"])
+
+    def padding_check(self, right_padded: torch.Tensor) -> float:
+        """Recipe R7: scores of the same sequences right- vs left-padded; logs and returns the max relative gap."""
+        pad = self.tokenizer.pad_token_id
+        right = sequence_scores(self.reward_model, right_padded, pad)
+        left = sequence_scores(self.reward_model, right_to_left_padding(right_padded, pad), pad)
+        gap = ((right - left).abs() / right.abs().clamp(min=1e-6)).max()
+        self.log("val/padding_rel_diff", gap, sync_dist=True, reduce_fx="max")
+        if not torch.allclose(right, left, rtol=self.hparams.padding_rtol, atol=1e-3):
+            log.warning("reward differs between left and right padding by up to %.3g (rtol %.0e)", gap.item(), self.hparams.padding_rtol)
+        return gap.item()
+
+    def on_validation_epoch_end(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, "batch_names", [])
+        by_batch = self.by_batch.compute()
+        metrics = {"val/accuracy": by_batch.pop("all")}
+        for group, value in by_batch.items():
+            metrics[f"val/accuracy_batch/{names[group] if group < len(names) else group}"] = value
+        by_confidence = self.by_confidence.compute()
+        by_confidence.pop("all")
+        metrics.update({f"val/accuracy_confidence/{group}": value for group, value in by_confidence.items()})
+        metrics["val/chosen_score"] = self.chosen_mean.compute()
+        metrics["val/rejected_score"] = self.rejected_mean.compute()
+        self.log_dict(metrics)
+        for metric in (self.by_batch, self.by_confidence, self.chosen_mean, self.rejected_mean):
+            metric.reset()
+
+    def on_train_end(self) -> None:
+        if self.hparams.normalize:
+            self.normalize()
+
+    @torch.no_grad()
+    def normalize(self) -> float:
+        """Recipe R5: set the bias so (query, reference summary) pairs score 0 on average.
+
+        Uses the datamodule's ``normalization_dataloader()``; sums are reduced across ranks.
+
+        Returns:
+            the new bias (reward units).
+        """
+        self.reward_model.eval()
+        total = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)
+        for batch in self.trainer.datamodule.normalization_dataloader():
+            scores = sequence_scores(self.reward_model, batch["input_ids"].to(self.device), self.tokenizer.pad_token_id)
+            total += scores.sum()
+            count += scores.numel()
+        total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        self.reward_model.config.bias = float(self.reward_model.config.bias + total / count)
+        log.info("reward normalisation (R5): bias %.4f over %d reference summaries", self.reward_model.config.bias, int(count))
+        return self.reward_model.config.bias
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        return adamw_with_schedule(self.reward_model.parameters(), hp.lr, hp.eps, hp.weight_decay, self.trainer.estimated_stepping_batches, "cosine")
+
+    def save_hf(self, directory: Path) -> None:
+        """Write the reward model (bias in its config) and the tokenizer in Hugging Face format."""
+        self.reward_model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
