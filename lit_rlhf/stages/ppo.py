@@ -293,6 +293,16 @@ class PPOModule(L.LightningModule):
             metric.reset()
 
     # ------------------------------------------------------------ optimisation
+    # ``lit-rlhf STAGE test`` runs the validation logic on the datamodule's test split.
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
     def configure_optimizers(self) -> dict[str, Any]:
         """One AdamW over policy + value model (P1), linear annealing per update (P8)."""
         hp = self.hparams

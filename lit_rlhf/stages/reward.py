@@ -149,6 +149,13 @@ class RewardModule(L.LightningModule):
         log.info("reward normalisation (R5): bias %.4f over %d reference summaries", self.reward_model.config.bias, int(count))
         return self.reward_model.config.bias
 
+    # ``lit-rlhf STAGE test`` runs the validation logic on the datamodule's test split.
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         return adamw_with_schedule(self.reward_model.parameters(), hp.lr, hp.eps, hp.weight_decay, self.trainer.estimated_stepping_batches, "cosine")

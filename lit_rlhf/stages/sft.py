@@ -88,6 +88,16 @@ class SFTModule(L.LightningModule):
             self.log_dict({f"val/{key}": value for key, value in self.rouge.compute().items() if key.endswith("fmeasure")})
             self.rouge.reset()
 
+    # ``lit-rlhf STAGE test`` runs the validation logic on the datamodule's test split.
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         return adamw_with_schedule(self.policy.parameters(), hp.lr, hp.eps, hp.weight_decay, self.trainer.estimated_stepping_batches, "cosine")

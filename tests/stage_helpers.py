@@ -1,0 +1,97 @@
+"""Helpers for the stage tests: quickstart configs shrunk for speed, run outputs (results, checkpoints)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+
+from conftest import COMPARISON_DATA, ROOT, SFT_DATA
+
+QUERY_LENGTH = 128
+#: SFT shapes (recipe D7 with a 128-token query budget): reference <= 53 tokens.
+SFT_RESPONSE_LENGTH = 53
+SFT_MAX_LENGTH = QUERY_LENGTH + SFT_RESPONSE_LENGTH
+#: comparison shapes: summary <= 169 tokens.
+RM_RESPONSE_LENGTH = 169
+RM_MAX_LENGTH = QUERY_LENGTH + RM_RESPONSE_LENGTH
+
+
+def stage_config(
+    stage: str,
+    root: Path,
+    model: Optional[dict[str, Any]] = None,
+    data: Optional[dict[str, Any]] = None,
+    trainer: Optional[dict[str, Any]] = None,
+    name: Optional[str] = None,
+) -> Path:
+    """``configs/quickstart/{stage}.yaml`` with outputs under ``root`` and small data shapes, written to ``root``.
+
+    ``model``, ``data`` and ``trainer`` update the corresponding sections after the defaults below.
+    """
+    config = yaml.safe_load((ROOT / "configs" / "quickstart" / f"{stage}.yaml").read_text())
+    section = config["trainer"]
+    section["default_root_dir"] = str(root / stage)
+    section["logger"]["init_args"]["save_dir"] = str(root / "tensorboard")
+    section.update(precision="32-true", enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    section.update(trainer or {})
+    if stage == "sft":
+        config["data"].update(
+            path=str(SFT_DATA), query_length=QUERY_LENGTH, response_length=SFT_RESPONSE_LENGTH, max_length=SFT_MAX_LENGTH,
+            batch_size=2, eval_batch_size=2, train_samples=8, val_samples=4,
+        )
+        config["model"].update(response_length=8, rouge_batches=1, num_samples=2)
+    elif stage == "rm":
+        config["data"].update(
+            path=str(COMPARISON_DATA), query_length=QUERY_LENGTH, response_length=RM_RESPONSE_LENGTH, max_length=RM_MAX_LENGTH,
+            batch_size=2, eval_batch_size=2, train_samples=8, val_samples=4,
+            sft_path=str(SFT_DATA), normalization_samples=8, sft_response_length=SFT_RESPONSE_LENGTH, sft_max_length=SFT_MAX_LENGTH,
+        )
+    elif stage == "ppo":
+        config["data"].update(
+            path=str(SFT_DATA), query_length=QUERY_LENGTH, response_length=SFT_RESPONSE_LENGTH, max_length=SFT_MAX_LENGTH,
+            batch_size=2, eval_batch_size=2, total_episodes=4, train_samples=8, val_samples=4,
+        )
+        config["model"].update(response_length=8, num_ppo_epochs=2, num_samples=2)
+    else:
+        raise ValueError(stage)
+    config["model"].update(model or {})
+    config["data"].update(data or {})
+    path = root / f"{name or stage}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def results(run_dir: Path) -> list[dict[str, Any]]:
+    """The records :class:`lit_rlhf.callbacks.ValidationResults` appended to ``run_dir/results.jsonl``."""
+    path = Path(run_dir) / "results.jsonl"
+    assert path.is_file(), f"no results.jsonl in {run_dir}"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def last_record(run_dir: Path, fn: str) -> dict[str, Any]:
+    records = [record for record in results(run_dir) if record["fn"] == fn]
+    assert records, f"no '{fn}' record in {run_dir}/results.jsonl"
+    return records[-1]
+
+
+def last_checkpoint(root: Path, stage: str) -> Path:
+    """The newest ``last.ckpt`` ModelCheckpoint wrote under ``root/tensorboard/{stage}/version_*/checkpoints``."""
+    candidates = sorted((root / "tensorboard" / stage).glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    assert candidates, f"no last.ckpt under {root / 'tensorboard' / stage}"
+    return candidates[-1]
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_finite(metrics: dict[str, float], *keys: str) -> None:
+    for key in keys:
+        assert key in metrics, f"metric {key} missing from {sorted(metrics)}"
+        assert math.isfinite(metrics[key]), f"{key} = {metrics[key]}"

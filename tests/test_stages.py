@@ -1,0 +1,332 @@
+"""Stage smoke tests on a tiny random-init Llama: SFT -> RM -> PPO through ``lit_rlhf.cli.main``.
+
+The stages are chained as in the quickstart (the SFT export feeds the RM, the RM export feeds PPO), each with
+a few steps on small subsets of the shared TL;DR sample. Also: checkpoint round trips, the PPO rollout, PPO
+validation before training, and bad command lines.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import lit_rlhf.stages.ppo as ppo_stage
+from conftest import SFT_DATA
+from lit_rlhf.algorithms import INVALID_LOGPROB
+from lit_rlhf.cli import main
+from lit_rlhf.data.datamodules import PreferenceDataModule, PromptDataModule
+from lit_rlhf.models.forward import sequence_scores
+from lit_rlhf.models.loading import PAD_TOKEN, load_tokenizer
+from lit_rlhf.models.scalar import ScalarModel
+from lit_rlhf.stages.ppo import PPOModule
+from stage_helpers import (
+    QUERY_LENGTH,
+    SFT_MAX_LENGTH,
+    SFT_RESPONSE_LENGTH,
+    assert_finite,
+    last_checkpoint,
+    last_record,
+    load_checkpoint,
+    results,
+    stage_config,
+)
+
+VOCAB = 49152  # the tiny model's embedding rows (SmolLM2's vocabulary; [PAD] lies outside, recipe D6)
+
+
+# ---------------------------------------------------------------------------------------------- the chained runs
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stages")
+
+
+@pytest.fixture(scope="module")
+def sft_run(runs_root, tiny_model_dir) -> Path:
+    config = stage_config("sft", runs_root, model={"model": str(tiny_model_dir), "lr": 1e-3})
+    main(["sft", "fit", "--config", str(config)])
+    return runs_root / "sft"
+
+
+@pytest.fixture(scope="module")
+def rm_run(runs_root, sft_run) -> Path:
+    config = stage_config("rm", runs_root, model={"model": str(sft_run / "model"), "lr": 1e-3})
+    main(["rm", "fit", "--config", str(config)])
+    return runs_root / "rm"
+
+
+@pytest.fixture(scope="module")
+def ppo_run(runs_root, sft_run, rm_run) -> Path:
+    config = stage_config("ppo", runs_root, model={"policy": str(sft_run / "model"), "reward_model": str(rm_run / "model"), "lr": 1e-3})
+    main(["ppo", "fit", "--config", str(config)])
+    return runs_root / "ppo"
+
+
+# ------------------------------------------------------------------------------------------------------------ SFT
+def test_sft_fit_logs_finite_losses(sft_run):
+    record = last_record(sft_run, "fit")
+    assert record["global_step"] == 4  # 8 rows, batch 2, one epoch
+    assert_finite(record["metrics"], "train/loss", "val/loss", "val/rouge1_fmeasure", "val/rougeL_fmeasure")
+    # a random-init model predicts about uniformly over the vocabulary
+    assert abs(record["metrics"]["val/loss"] - math.log(VOCAB)) < 0.5
+    assert 0 < len(record["samples"]) <= 2 and {"query", "response", "reference"} <= set(record["samples"][0])
+
+
+def test_sft_export_loads_with_pad_token(sft_run, tiny_model_dir):
+    export = sft_run / "model"
+    assert (export / "config.json").is_file() and (export / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert tokenizer.pad_token == PAD_TOKEN and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert model.get_input_embeddings().num_embeddings == VOCAB  # not resized for [PAD] (recipe D6)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trained_params, initial_params = dict(model.named_parameters()), dict(initial.named_parameters())
+    assert trained_params.keys() == initial_params.keys()
+    assert any(not torch.equal(trained_params[key], initial_params[key]) for key in trained_params), "training changed nothing"
+
+
+def test_sft_checkpoint_round_trip(sft_run, runs_root, tiny_model_dir, tmp_path):
+    checkpoint = last_checkpoint(runs_root, "sft")
+    state = load_checkpoint(checkpoint)
+    assert state["global_step"] == 4
+    assert any(key.startswith("policy.") for key in state["state_dict"])
+    config = stage_config("sft", tmp_path, model={"model": str(tiny_model_dir), "lr": 1e-3})
+    # the checkpoint's weights give back the fit's final validation loss exactly
+    main(["sft", "validate", "--config", str(config), "--ckpt_path", str(checkpoint)])
+    validated = last_record(tmp_path / "sft", "validate")["metrics"]["val/loss"]
+    assert validated == pytest.approx(last_record(sft_run, "fit")["metrics"]["val/loss"], rel=1e-5)
+    # resuming fit continues from step 4 for a second epoch
+    main(["sft", "fit", "--config", str(config), "--trainer.max_epochs", "2", "--ckpt_path", str(checkpoint)])
+    resumed = load_checkpoint(last_checkpoint(tmp_path, "sft"))
+    assert resumed["global_step"] == 8
+    assert_finite(last_record(tmp_path / "sft", "fit")["metrics"], "train/loss", "val/loss")
+    assert (tmp_path / "sft" / "model" / "config.json").is_file()
+
+
+def test_sft_validate_without_fit(tiny_model_dir, tmp_path):
+    config = stage_config("sft", tmp_path, model={"model": str(tiny_model_dir)})
+    main(["sft", "validate", "--config", str(config)])
+    records = results(tmp_path / "sft")
+    assert [record["fn"] for record in records] == ["validate"]
+    metrics = records[0]["metrics"]
+    assert_finite(metrics, "val/loss", "val/rouge1_fmeasure")
+    assert abs(metrics["val/loss"] - math.log(VOCAB)) < 0.5
+    assert not (tmp_path / "sft" / "model").exists()  # the HF export belongs to fit only
+
+
+# ------------------------------------------------------------------------------------------------------------- RM
+def test_rm_fit_logs_finite_losses_and_accuracy(rm_run):
+    record = last_record(rm_run, "fit")
+    assert record["global_step"] == 4
+    metrics = record["metrics"]
+    assert_finite(metrics, "train/loss", "val/loss", "val/accuracy", "val/chosen_score", "val/rejected_score", "val/padding_rel_diff")
+    assert 0.0 <= metrics["val/accuracy"] <= 1.0
+    assert metrics["val/padding_rel_diff"] < 1e-2  # recipe R7: left and right padding score alike
+    assert any(key.startswith("val/accuracy_batch/") for key in metrics)
+
+
+def test_rm_export_has_r5_bias(rm_run, sft_run):
+    export = rm_run / "model"
+    model = ScalarModel.load(str(export))
+    bias = model.config.bias
+    assert isinstance(bias, float) and bias != 0.0 and math.isfinite(bias)
+    tokenizer = load_tokenizer(str(export))
+    assert tokenizer.pad_token == PAD_TOKEN
+    # re-score the rows the normalisation used: they now average ~0 and their raw mean is the bias (R5)
+    data = PreferenceDataModule(
+        path=str(SFT_DATA.parent / "comparisons"), tokenizer=str(sft_run / "model"), query_length=QUERY_LENGTH,
+        eval_batch_size=4, sft_path=str(SFT_DATA), normalization_samples=8,
+        sft_response_length=SFT_RESPONSE_LENGTH, sft_max_length=SFT_MAX_LENGTH,
+    )
+    with torch.no_grad():
+        scores = torch.cat([sequence_scores(model, batch["input_ids"], tokenizer.pad_token_id) for batch in data.normalization_dataloader()])
+    assert scores.numel() == 8
+    tolerance = 1e-4 * max(1.0, abs(bias))
+    assert abs(scores.mean().item()) < tolerance
+    model.config.bias = 0.0
+    with torch.no_grad():
+        raw = torch.cat([sequence_scores(model, batch["input_ids"], tokenizer.pad_token_id) for batch in data.normalization_dataloader()])
+    assert raw.mean().item() == pytest.approx(bias, abs=tolerance)
+
+
+# ------------------------------------------------------------------------------------------------------------ PPO
+def test_ppo_fit_logs_finite_metrics(ppo_run):
+    record = last_record(ppo_run, "fit")
+    assert record["global_step"] == 2 * 2  # 2 updates (4 episodes, batch 2) x 2 PPO epochs x 1 minibatch
+    metrics = record["metrics"]
+    assert_finite(
+        metrics, "loss/policy", "loss/value", "objective/kl", "objective/scores", "objective/rlhf_reward", "policy/approxkl",
+        "objective/response_length", "eval/scores", "eval/kl", "eval/response_length", "eval/eos_fraction",
+    )
+    assert 1.0 <= metrics["objective/response_length"] <= 8.0
+    assert 1.0 <= metrics["eval/response_length"] <= 8.0
+
+
+def test_ppo_export_has_policy_and_value_model(ppo_run, rm_run):
+    export = ppo_run / "model"
+    policy = AutoModelForCausalLM.from_pretrained(export)
+    assert policy.get_input_embeddings().num_embeddings == VOCAB
+    assert AutoTokenizer.from_pretrained(export).pad_token == PAD_TOKEN
+    assert (export / "value" / "config.json").is_file()
+    value = ScalarModel.load(str(export / "value"))
+    reward = ScalarModel.load(str(rm_run / "model"))
+    assert value.config.hidden_size == reward.config.hidden_size
+    # the value model starts from the reward model (P1) and was trained: its head moved
+    assert not torch.equal(value.scalar_head.weight, reward.scalar_head.weight)
+
+
+def test_ppo_checkpoint_leaves_out_frozen_models_and_resumes(ppo_run, runs_root, sft_run, rm_run, tmp_path):
+    checkpoint = last_checkpoint(runs_root, "ppo")
+    state = load_checkpoint(checkpoint)
+    keys = list(state["state_dict"])
+    assert any(key.startswith("policy.") for key in keys) and any(key.startswith("value_model.") for key in keys)
+    assert not [key for key in keys if key.startswith(("ref_policy.", "reward_model."))]
+    assert state["global_step"] == 4
+    model = {"policy": str(sft_run / "model"), "reward_model": str(rm_run / "model"), "lr": 1e-3}
+    config = stage_config("ppo", tmp_path, model=model)
+    # validation from the checkpoint reproduces the fit's final evaluation (sampling is seeded per batch)
+    main(["ppo", "validate", "--config", str(config), "--ckpt_path", str(checkpoint)])
+    validated = last_record(tmp_path / "ppo", "validate")["metrics"]
+    fitted = last_record(ppo_run, "fit")["metrics"]
+    for key in ("eval/scores", "eval/kl", "eval/response_length"):
+        assert validated[key] == pytest.approx(fitted[key], rel=1e-4, abs=1e-5), key
+    main(["ppo", "fit", "--config", str(config), "--trainer.max_epochs", "2", "--ckpt_path", str(checkpoint)])
+    resumed = load_checkpoint(last_checkpoint(tmp_path, "ppo"))
+    assert resumed["global_step"] == 8
+    assert not [key for key in resumed["state_dict"] if key.startswith(("ref_policy.", "reward_model."))]
+    assert_finite(last_record(tmp_path / "ppo", "fit")["metrics"], "loss/policy", "loss/value")
+    assert (tmp_path / "ppo" / "model" / "value" / "config.json").is_file()
+
+
+def test_ppo_validate_before_training_has_zero_kl(rm_run, tiny_model_dir, tmp_path):
+    config = stage_config("ppo", tmp_path, model={"policy": str(tiny_model_dir), "reward_model": str(rm_run / "model")})
+    main(["ppo", "validate", "--config", str(config)])
+    metrics = last_record(tmp_path / "ppo", "validate")["metrics"]
+    assert_finite(metrics, "eval/scores", "eval/kl", "eval/response_length", "eval/eos_fraction")
+    assert metrics["eval/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
+    assert 1.0 <= metrics["eval/response_length"] <= 8.0
+    assert 0.0 <= metrics["eval/eos_fraction"] <= 1.0
+    if metrics["eval/eos_fraction"] == 0.0:  # every response lacks EOS: all get the penalty score (P3)
+        assert metrics["eval/scores"] == pytest.approx(-1.0)
+
+
+# -------------------------------------------------------------------------------------------------- the rollout
+@pytest.fixture(scope="module")
+def tiny_reward_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A scalar model on the tiny backbone, saved as a reward model."""
+    directory = tmp_path_factory.mktemp("tiny-rm")
+    torch.manual_seed(0)
+    ScalarModel.from_backbone(str(tiny_model_dir)).save_pretrained(directory)
+    return directory
+
+
+RESPONSE_LENGTH = 12
+
+
+@pytest.fixture
+def ppo_module(tiny_model_dir, tiny_reward_dir) -> PPOModule:
+    module = PPOModule(policy=str(tiny_model_dir), reward_model=str(tiny_reward_dir), response_length=RESPONSE_LENGTH, kl_coef=0.05)
+    module.configure_model()
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    module.trainer = trainer  # rollout reduces its statistics through trainer.strategy
+    return module
+
+
+@pytest.fixture(scope="module")
+def queries(tiny_model_dir) -> torch.Tensor:
+    data = PromptDataModule(
+        path=str(SFT_DATA), tokenizer=str(tiny_model_dir), query_length=QUERY_LENGTH, response_length=SFT_RESPONSE_LENGTH,
+        max_length=SFT_MAX_LENGTH, eval_batch_size=4, val_samples=4,
+    )
+    data.setup("validate")
+    return next(iter(data.val_dataloader()))["query_ids"]
+
+
+def test_rollout_shapes_and_masks(ppo_module, queries):
+    torch.manual_seed(0)
+    data = ppo_module.rollout(queries)
+    batch, context = queries.shape
+    assert data["responses"].shape == (batch, RESPONSE_LENGTH)
+    assert data["query_responses"].shape == (batch, context + RESPONSE_LENGTH)
+    assert torch.equal(data["query_responses"][:, :context], queries)
+    for key in ("logprobs", "ref_logprobs", "values", "rewards", "kl", "advantages", "returns", "padding_mask"):
+        assert data[key].shape == (batch, RESPONSE_LENGTH), key
+    assert data["scores"].shape == (batch,)
+    # policy == reference before training: the KL is exactly 0
+    assert torch.equal(data["logprobs"], data["ref_logprobs"]) and not data["kl"].any()
+
+
+def test_rollout_eos_truncation_penalty_and_whitening(ppo_module, queries, monkeypatch):
+    tok = ppo_module.tokenizer
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    real_generate = ppo_stage.generate
+    raw = {}
+
+    def generate_with_eos(model, query_ids, pad_token_id, eos_token_id, max_new_tokens, temperature):
+        responses = real_generate(model, query_ids, pad_token_id, eos_token_id, max_new_tokens, temperature)
+        assert responses.shape == (query_ids.size(0), max_new_tokens)  # exactly response_length tokens (P2)
+        responses = responses.masked_fill(responses == eos_token_id, 5)  # only the EOS placed below
+        responses[0, 3] = eos_token_id  # EOS in the middle
+        responses[1, 0] = eos_token_id  # EOS first, and a second one later
+        responses[1, 6] = eos_token_id
+        responses[3, RESPONSE_LENGTH - 1] = eos_token_id  # EOS as the last token; row 2 has none
+        raw["responses"] = responses.clone()
+        return responses
+
+    monkeypatch.setattr(ppo_stage, "generate", generate_with_eos)
+    torch.manual_seed(0)
+    data = ppo_module.rollout(queries)
+    context = queries.size(1)
+    responses = raw["responses"]
+    assert torch.equal(data["responses"], responses)  # raw samples are kept
+    processed = data["query_responses"][:, context:]
+    eos_at = {0: 3, 1: 0, 3: RESPONSE_LENGTH - 1}
+    for row in range(4):
+        last = eos_at.get(row, RESPONSE_LENGTH - 1)
+        assert torch.equal(processed[row, : last + 1], responses[row, : last + 1]), row
+        assert (processed[row, last + 1 :] == pad).all(), row  # PAD after the first EOS (P3)
+        expected_mask = torch.arange(RESPONSE_LENGTH) > last
+        assert torch.equal(data["padding_mask"][row], expected_mask), row
+    padding = data["padding_mask"]
+    assert padding.any() and (~padding).any()
+    # a response without EOS scores the penalty; the others keep the reward model's score (P3)
+    assert data["scores"][2].item() == -1.0
+    rm_scores = sequence_scores(ppo_module.reward_model, data["query_responses"], pad)
+    for row in (0, 1, 3):
+        assert data["scores"][row].item() == pytest.approx(rm_scores[row].item(), abs=1e-5)
+        assert data["scores"][row].item() != -1.0
+    # padded positions: sentinel logprobs, zero value, zero KL, zero advantage (P4, P6)
+    assert (data["logprobs"][padding] == INVALID_LOGPROB).all() and (data["ref_logprobs"][padding] == INVALID_LOGPROB).all()
+    assert not data["values"][padding].any() and not data["kl"][padding].any() and not data["advantages"][padding].any()
+    # the score sits on the last real token (P5)
+    rows = torch.arange(4)
+    last_index = torch.tensor([3, 0, RESPONSE_LENGTH - 1, RESPONSE_LENGTH - 1])
+    expected = data["scores"] - 0.05 * data["kl"][rows, last_index]
+    assert torch.allclose(data["rewards"][rows, last_index], expected, atol=1e-6)
+    # advantages are whitened over the real tokens
+    real = data["advantages"][~padding]
+    assert real.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert real.var(unbiased=True).item() == pytest.approx(1.0, rel=1e-3)
+    assert torch.isfinite(data["returns"]).all()
+
+
+# ------------------------------------------------------------------------------------------------ bad CLI input
+@pytest.mark.parametrize("argv", [["bogus", "fit"], [], ["--help"]])
+def test_cli_unknown_stage_prints_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: lit-rlhf {sft|rm|ppo}" in err
+
+
+def test_cli_missing_model_path_names_it(tmp_path):
+    missing = tmp_path / "no-such-model"
+    config = stage_config("sft", tmp_path, model={"model": str(missing)})
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        main(["sft", "validate", "--config", str(config)])
