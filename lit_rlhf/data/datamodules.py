@@ -241,7 +241,10 @@ class PromptDataModule(SFTDataModule):
         num_workers: int = 0,
         seed: int = 1,
     ) -> None:
-        super().__init__(path, tokenizer, query_length, response_length, max_length, batch_size, eval_batch_size, train_samples, val_samples, num_workers, seed)
+        super().__init__(
+            path, tokenizer, query_length, response_length, max_length,
+            batch_size, eval_batch_size, train_samples, val_samples, num_workers, seed,
+        )
         self.total_episodes = total_episodes
 
     def build(self, split: str, limit: Optional[int]) -> datasets.Dataset:

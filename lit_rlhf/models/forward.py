@@ -55,8 +55,10 @@ def response_logprobs(
     responses = query_responses[:, context_length:]
     length = responses.size(1)
     logits = model(**model_inputs(query_responses, pad_token_id), logits_to_keep=length + 1).logits[:, :-1]  # (B, T, V)
-    logprobs = logprobs_from_logits(logits, responses, temperature)
-    logprobs = logprobs.masked_fill(responses == pad_token_id, INVALID_LOGPROB)
+    padded = responses == pad_token_id
+    # the [PAD] id may lie outside the vocabulary (recipe D6): gather a real id there, then overwrite
+    logprobs = logprobs_from_logits(logits, responses.masked_fill(padded, 0), temperature)
+    logprobs = logprobs.masked_fill(padded, INVALID_LOGPROB)
     if not return_entropy:
         return logprobs
     scaled = logits.float() / (temperature + 1e-7)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -57,8 +59,10 @@ def freeze_bottom_layers(model: nn.Module, trainable_layers: Optional[int]) -> n
     Embeddings (and a tied LM head) and the lower blocks get ``requires_grad=False``; the backward pass then
     stops at the lowest trainable block, which is what makes CPU runs affordable. ``None`` trains everything.
 
+    A model with at most ``trainable_layers`` blocks is trained whole.
+
     Raises:
-        ValueError: if the model's blocks cannot be found or ``trainable_layers`` is out of range.
+        ValueError: if the model's blocks cannot be found or ``trainable_layers`` is negative.
     """
     if trainable_layers is None:
         return model
@@ -66,10 +70,47 @@ def freeze_bottom_layers(model: nn.Module, trainable_layers: Optional[int]) -> n
     layers = getattr(base, "layers", None) or getattr(base, "h", None)
     if layers is None:
         raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} to freeze")
-    if not 0 <= trainable_layers <= len(layers):
-        raise ValueError(f"trainable_layers={trainable_layers} outside [0, {len(layers)}]")
+    if trainable_layers < 0:
+        raise ValueError(f"trainable_layers must be >= 0, got {trainable_layers}")
+    if trainable_layers >= len(layers):  # the model is no deeper than asked: train all of it
+        return model
     embeddings = model.get_input_embeddings()
     for module in [embeddings, *layers[: len(layers) - trainable_layers]]:
         for param in module.parameters():
             param.requires_grad_(False)
     return model
+
+
+class StageModule(L.LightningModule):
+    """Base of the stage modules.
+
+    Subclasses set ``self.tokenizer`` and the model that :meth:`exported_model` returns, and have hyperparameters
+    ``lr``, ``eps`` and ``weight_decay``. ``test`` runs the validation logic on the datamodule's test split.
+    """
+
+    #: learning-rate schedule over the run (see :func:`adamw_with_schedule`)
+    schedule = "cosine"
+
+    def exported_model(self) -> nn.Module:
+        """The model :meth:`save_hf` writes."""
+        raise NotImplementedError
+
+    def save_hf(self, directory: Path) -> None:
+        """Write :meth:`exported_model` and the tokenizer in Hugging Face format to ``directory``."""
+        self.exported_model().save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over every trainable parameter (frozen models and blocks are left out), schedule per step."""
+        hp = self.hparams
+        total_steps = self.trainer.estimated_stepping_batches
+        return adamw_with_schedule(self.parameters(), hp.lr, hp.eps, hp.weight_decay, total_steps, self.schedule)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()

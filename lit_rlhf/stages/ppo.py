@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
@@ -29,13 +28,13 @@ from lit_rlhf.algorithms import (
 from lit_rlhf.models.forward import generate, model_inputs, response_logprobs, sequence_scores
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lit_rlhf.models.scalar import ScalarModel
-from lit_rlhf.stages.common import adamw_with_schedule, decode_query, decode_responses, freeze_bottom_layers
+from lit_rlhf.stages.common import StageModule, decode_query, decode_responses, freeze_bottom_layers
 
 #: Recipe P11: per-rank seed offset.
 RANK_SEED_STRIDE = 100003
 
 
-class PPOModule(L.LightningModule):
+class PPOModule(StageModule):
     """PPO on a reward model with a fixed-coefficient KL penalty (recipe P1-P11, N+ defaults).
 
     Args:
@@ -67,6 +66,9 @@ class PPOModule(L.LightningModule):
         num_samples: rows kept for the validation sample table.
         trainable_layers: train only the top N blocks of policy and value model (``None`` = all).
     """
+
+    #: recipe P8: linear annealing to 0, stepped once per update
+    schedule = "linear"
 
     def __init__(
         self,
@@ -193,7 +195,6 @@ class PPOModule(L.LightningModule):
         queries = batch["query_ids"]  # (B, Q)
         context_length, batch_size = queries.size(1), queries.size(0)
         data = self.rollout(queries)
-        mask = ~data["padding_mask"]  # (B, T) real response tokens
 
         # 7. PPO epochs over minibatches (P8), gradient accumulation over micro-batches
         mini_batch_size = batch_size // hp.num_mini_batches
@@ -205,15 +206,8 @@ class PPOModule(L.LightningModule):
                 mini = order[mini_start : mini_start + mini_batch_size]
                 micro_batches = mini.split(micro_batch_size)
                 for micro in micro_batches:
-                    qr = data["query_responses"][micro]
-                    new_logprobs, entropy = response_logprobs(self.policy, qr, context_length, self.tokenizer.pad_token_id, hp.temperature, return_entropy=True)
-                    new_logprobs = new_logprobs.masked_fill(data["padding_mask"][micro], INVALID_LOGPROB)
-                    new_values = self.values(qr, context_length).masked_fill(data["padding_mask"][micro], 0.0)
-                    pg_loss, pg_stats = ppo_policy_loss(new_logprobs, data["logprobs"][micro], data["advantages"][micro], mask[micro], hp.cliprange)
-                    vf_loss, vf_stats = ppo_value_loss(new_values, data["values"][micro], data["returns"][micro], mask[micro], hp.cliprange_value)
-                    loss = pg_loss + hp.vf_coef * vf_loss
+                    loss, step_stats = self.ppo_loss(data, micro, context_length)
                     self.manual_backward(loss / len(micro_batches))
-                    step_stats = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/entropy": masked_mean(entropy.detach(), mask[micro]), **pg_stats, **vf_stats}
                     for key, value in step_stats.items():
                         stats.setdefault(key, []).append(value)
                 optimizer.step()
@@ -221,6 +215,22 @@ class PPOModule(L.LightningModule):
         self.log_update(data, stats, batch_size, batch_idx)
         if hp.anneal_lr:
             scheduler.step()
+
+    def ppo_loss(self, data: dict[str, torch.Tensor], rows: torch.Tensor, context_length: int) -> tuple[torch.Tensor, dict]:
+        """``policy loss + vf_coef * value loss`` on the rollout rows ``rows`` (recipe P8), and detached stats."""
+        hp = self.hparams
+        padding_mask = data["padding_mask"][rows]  # (b, T)
+        mask = ~padding_mask
+        query_responses = data["query_responses"][rows]  # (b, Q+T)
+        new_logprobs, entropy = response_logprobs(
+            self.policy, query_responses, context_length, self.tokenizer.pad_token_id, hp.temperature, return_entropy=True
+        )
+        new_logprobs = new_logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
+        new_values = self.values(query_responses, context_length).masked_fill(padding_mask, 0.0)
+        pg_loss, pg_stats = ppo_policy_loss(new_logprobs, data["logprobs"][rows], data["advantages"][rows], mask, hp.cliprange)
+        vf_loss, vf_stats = ppo_value_loss(new_values, data["values"][rows], data["returns"][rows], mask, hp.cliprange_value)
+        stats = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/entropy": masked_mean(entropy.detach(), mask)}
+        return pg_loss + hp.vf_coef * vf_loss, {**stats, **pg_stats, **vf_stats}
 
     def log_update(self, data: dict[str, torch.Tensor], stats: dict[str, list[torch.Tensor]], batch_size: int, batch_idx: int) -> None:
         """Log the N+ metrics (recipe P10), averaged over ranks."""
@@ -287,34 +297,22 @@ class PPOModule(L.LightningModule):
                 })
 
     def on_validation_epoch_end(self) -> None:
-        metrics = {"eval/scores": self.val_scores, "eval/kl": self.val_kl, "eval/response_length": self.val_length, "eval/eos_fraction": self.val_eos}
+        metrics = {
+            "eval/scores": self.val_scores, "eval/kl": self.val_kl,
+            "eval/response_length": self.val_length, "eval/eos_fraction": self.val_eos,
+        }
         self.log_dict({key: metric.compute() for key, metric in metrics.items()})
         for metric in metrics.values():
             metric.reset()
-
-    # ------------------------------------------------------------ optimisation
-    # ``lit-rlhf STAGE test`` runs the validation logic on the datamodule's test split.
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
-
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        """One AdamW over policy + value model (P1), linear annealing per update (P8)."""
-        hp = self.hparams
-        params = list(self.policy.parameters()) + list(self.value_model.parameters())
-        return adamw_with_schedule(params, hp.lr, hp.eps, hp.weight_decay, self.trainer.estimated_stepping_batches, "linear")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave the frozen reference policy and reward model out of Lightning checkpoints (they are on disk)."""
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(("ref_policy.", "reward_model."))}
 
+    def exported_model(self) -> torch.nn.Module:
+        return self.policy
+
     def save_hf(self, directory: Path) -> None:
-        """Write the policy and tokenizer in Hugging Face format (the value model goes to ``value/``)."""
-        self.policy.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+        """Write the policy and tokenizer in Hugging Face format; the value model goes to ``value/``."""
+        super().save_hf(directory)
         self.value_model.save_pretrained(Path(directory) / "value")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Optional
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
@@ -16,7 +14,7 @@ from lit_rlhf.evaluation.metrics import GroupedAccuracy
 from lit_rlhf.models.forward import sequence_scores
 from lit_rlhf.models.loading import load_tokenizer
 from lit_rlhf.models.scalar import ScalarModel
-from lit_rlhf.stages.common import adamw_with_schedule, freeze_bottom_layers
+from lit_rlhf.stages.common import StageModule, freeze_bottom_layers
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +28,7 @@ def right_to_left_padding(ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     return shifted
 
 
-class RewardModule(L.LightningModule):
+class RewardModule(StageModule):
     """Scalar reward model trained with ``-logsigmoid(r_chosen - r_rejected)`` (recipe R4).
 
     Validation logs the loss, accuracy overall / per comparison ``batch`` / per labeller confidence (R6),
@@ -149,18 +147,6 @@ class RewardModule(L.LightningModule):
         log.info("reward normalisation (R5): bias %.4f over %d reference summaries", self.reward_model.config.bias, int(count))
         return self.reward_model.config.bias
 
-    # ``lit-rlhf STAGE test`` runs the validation logic on the datamodule's test split.
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        return adamw_with_schedule(self.reward_model.parameters(), hp.lr, hp.eps, hp.weight_decay, self.trainer.estimated_stepping_batches, "cosine")
-
-    def save_hf(self, directory: Path) -> None:
-        """Write the reward model (bias in its config) and the tokenizer in Hugging Face format."""
-        self.reward_model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+    def exported_model(self) -> torch.nn.Module:
+        """The reward model, its R5 bias in the config."""
+        return self.reward_model

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional
 
-import lightning as L
 import torch
 from torchmetrics.text.rouge import ROUGEScore
 
 from lit_rlhf.algorithms import sequence_cross_entropy
 from lit_rlhf.models.forward import generate, model_inputs
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
-from lit_rlhf.stages.common import adamw_with_schedule, decode_query, decode_responses, freeze_bottom_layers
+from lit_rlhf.stages.common import StageModule, decode_query, decode_responses, freeze_bottom_layers
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(StageModule):
     """Next-token cross-entropy over query + reference (pads masked); validation loss, ROUGE and samples.
 
     Args:
@@ -88,21 +86,5 @@ class SFTModule(L.LightningModule):
             self.log_dict({f"val/{key}": value for key, value in self.rouge.compute().items() if key.endswith("fmeasure")})
             self.rouge.reset()
 
-    # ``lit-rlhf STAGE test`` runs the validation logic on the datamodule's test split.
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
-
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        return adamw_with_schedule(self.policy.parameters(), hp.lr, hp.eps, hp.weight_decay, self.trainer.estimated_stepping_batches, "cosine")
-
-    def save_hf(self, directory: Path) -> None:
-        """Write the policy and tokenizer in Hugging Face format to ``directory``."""
-        self.policy.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+    def exported_model(self) -> torch.nn.Module:
+        return self.policy
