@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI
@@ -35,7 +36,6 @@ def _stage_cli(tokenizer_source: str) -> type[LightningCLI]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``lit-rlhf`` console script."""
-    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in STAGES:
         names = "|".join(STAGES)
@@ -43,15 +43,18 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(2)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     module, datamodule, tokenizer_source = STAGES[argv[0]]
-    if from_command_line:  # LightningCLI reads sys.argv: drop the stage name from it
-        sys.argv = [f"{os.path.basename(sys.argv[0])} {argv[0]}", *argv[1:]]
-    _stage_cli(tokenizer_source)(
-        module,
-        datamodule,
-        args=None if from_command_line else argv[1:],
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    # sys.argv stays whole: Lightning's DDP launcher re-runs `sys.argv` for the other ranks, stage included.
+    # The arguments go in explicitly, so LightningCLI's warning about args *and* sys.argv does not apply.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        _stage_cli(tokenizer_source)(
+            module,
+            datamodule,
+            args=argv[1:],
+            parser_kwargs={"prog": f"lit-rlhf {argv[0]}"},
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
 
 
 if __name__ == "__main__":

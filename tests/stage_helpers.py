@@ -9,7 +9,6 @@ from typing import Any, Optional
 
 import torch
 import yaml
-
 from conftest import COMPARISON_DATA, ROOT, SFT_DATA
 
 QUERY_LENGTH = 128
@@ -59,6 +58,7 @@ def stage_config(
         config["model"].update(response_length=8, num_ppo_epochs=2, num_samples=2)
     else:
         raise ValueError(stage)
+    config["model"]["trainable_layers"] = None  # the quickstart's value assumes SmolLM2's 30 blocks
     config["model"].update(model or {})
     config["data"].update(data or {})
     path = root / f"{name or stage}.yaml"

@@ -14,17 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-import lit_rlhf.stages.ppo as ppo_stage
 from conftest import SFT_DATA
-from lit_rlhf.algorithms import INVALID_LOGPROB
-from lit_rlhf.cli import main
-from lit_rlhf.data.datamodules import PreferenceDataModule, PromptDataModule
-from lit_rlhf.models.forward import sequence_scores
-from lit_rlhf.models.loading import PAD_TOKEN, load_tokenizer
-from lit_rlhf.models.scalar import ScalarModel
-from lit_rlhf.stages.ppo import PPOModule
 from stage_helpers import (
     QUERY_LENGTH,
     SFT_MAX_LENGTH,
@@ -36,6 +26,16 @@ from stage_helpers import (
     results,
     stage_config,
 )
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import lit_rlhf.stages.ppo as ppo_stage
+from lit_rlhf.algorithms import INVALID_LOGPROB
+from lit_rlhf.cli import main
+from lit_rlhf.data.datamodules import PreferenceDataModule, PromptDataModule
+from lit_rlhf.models.forward import sequence_scores
+from lit_rlhf.models.loading import PAD_TOKEN, load_tokenizer
+from lit_rlhf.models.scalar import ScalarModel
+from lit_rlhf.stages.ppo import PPOModule
 
 VOCAB = 49152  # the tiny model's embedding rows (SmolLM2's vocabulary; [PAD] lies outside, recipe D6)
 
@@ -62,7 +62,8 @@ def rm_run(runs_root, sft_run) -> Path:
 
 @pytest.fixture(scope="module")
 def ppo_run(runs_root, sft_run, rm_run) -> Path:
-    config = stage_config("ppo", runs_root, model={"policy": str(sft_run / "model"), "reward_model": str(rm_run / "model"), "lr": 1e-3})
+    model = {"policy": str(sft_run / "model"), "reward_model": str(rm_run / "model"), "lr": 1e-3, "trainable_layers": 1}
+    config = stage_config("ppo", runs_root, model=model)
     main(["ppo", "fit", "--config", str(config)])
     return runs_root / "ppo"
 
@@ -143,14 +144,18 @@ def test_rm_export_has_r5_bias(rm_run, sft_run):
         eval_batch_size=4, sft_path=str(SFT_DATA), normalization_samples=8,
         sft_response_length=SFT_RESPONSE_LENGTH, sft_max_length=SFT_MAX_LENGTH,
     )
-    with torch.no_grad():
-        scores = torch.cat([sequence_scores(model, batch["input_ids"], tokenizer.pad_token_id) for batch in data.normalization_dataloader()])
+
+    def score_rows() -> torch.Tensor:
+        with torch.no_grad():
+            batches = data.normalization_dataloader()
+            return torch.cat([sequence_scores(model, rows["input_ids"], tokenizer.pad_token_id) for rows in batches])
+
+    scores = score_rows()
     assert scores.numel() == 8
     tolerance = 1e-4 * max(1.0, abs(bias))
     assert abs(scores.mean().item()) < tolerance
     model.config.bias = 0.0
-    with torch.no_grad():
-        raw = torch.cat([sequence_scores(model, batch["input_ids"], tokenizer.pad_token_id) for batch in data.normalization_dataloader()])
+    raw = score_rows()
     assert raw.mean().item() == pytest.approx(bias, abs=tolerance)
 
 
@@ -165,12 +170,22 @@ def test_ppo_fit_logs_finite_metrics(ppo_run):
     )
     assert 1.0 <= metrics["objective/response_length"] <= 8.0
     assert 1.0 <= metrics["eval/response_length"] <= 8.0
+    # linear annealing over the 2 updates (P8): the last update ran at half the initial rate
+    assert metrics["lr"] == pytest.approx(1e-3 * (1 - 1 / 2))
+    if metrics["val/num_eos_tokens"] == 0:  # no response ended: every score is the penalty (P3)
+        assert metrics["objective/scores"] == pytest.approx(-1.0)
 
 
-def test_ppo_export_has_policy_and_value_model(ppo_run, rm_run):
+def test_ppo_export_has_policy_and_value_model(ppo_run, rm_run, sft_run):
     export = ppo_run / "model"
     policy = AutoModelForCausalLM.from_pretrained(export)
     assert policy.get_input_embeddings().num_embeddings == VOCAB
+    # trainable_layers=1: embeddings and block 0 stay as the SFT export left them, block 1 was trained
+    sft = dict(AutoModelForCausalLM.from_pretrained(sft_run / "model").named_parameters())
+    trained = dict(policy.named_parameters())
+    frozen = [key for key in trained if key.startswith(("model.embed_tokens.", "model.layers.0."))]
+    assert frozen and all(torch.equal(trained[key], sft[key]) for key in frozen)
+    assert any(not torch.equal(trained[key], sft[key]) for key in trained if key.startswith("model.layers.1."))
     assert AutoTokenizer.from_pretrained(export).pad_token == PAD_TOKEN
     assert (export / "value" / "config.json").is_file()
     value = ScalarModel.load(str(export / "value"))
@@ -187,7 +202,7 @@ def test_ppo_checkpoint_leaves_out_frozen_models_and_resumes(ppo_run, runs_root,
     assert any(key.startswith("policy.") for key in keys) and any(key.startswith("value_model.") for key in keys)
     assert not [key for key in keys if key.startswith(("ref_policy.", "reward_model."))]
     assert state["global_step"] == 4
-    model = {"policy": str(sft_run / "model"), "reward_model": str(rm_run / "model"), "lr": 1e-3}
+    model = {"policy": str(sft_run / "model"), "reward_model": str(rm_run / "model"), "lr": 1e-3, "trainable_layers": 1}
     config = stage_config("ppo", tmp_path, model=model)
     # validation from the checkpoint reproduces the fit's final evaluation (sampling is seeded per batch)
     main(["ppo", "validate", "--config", str(config), "--ckpt_path", str(checkpoint)])
@@ -262,8 +277,7 @@ def test_rollout_shapes_and_masks(ppo_module, queries):
 
 
 def test_rollout_eos_truncation_penalty_and_whitening(ppo_module, queries, monkeypatch):
-    tok = ppo_module.tokenizer
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    pad = ppo_module.tokenizer.pad_token_id
     real_generate = ppo_stage.generate
     raw = {}
 
@@ -279,8 +293,18 @@ def test_rollout_eos_truncation_penalty_and_whitening(ppo_module, queries, monke
         return responses
 
     monkeypatch.setattr(ppo_stage, "generate", generate_with_eos)
+    strategy = ppo_module.trainer.strategy
+    reductions = []
+
+    def reduce(tensor, *args, **kwargs):
+        reductions.append(kwargs.get("reduce_op", args[1] if len(args) > 1 else None))
+        return tensor  # one rank
+
+    monkeypatch.setattr(strategy, "reduce", reduce)
     torch.manual_seed(0)
     data = ppo_module.rollout(queries)
+    # the whitening statistics go through the strategy so that they cover every rank (P6)
+    assert reductions and all(op == "sum" for op in reductions), reductions
     context = queries.size(1)
     responses = raw["responses"]
     assert torch.equal(data["responses"], responses)  # raw samples are kept

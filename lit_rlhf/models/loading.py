@@ -8,6 +8,7 @@ The packaged default ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGU
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -82,18 +83,34 @@ def convert_default_model(target: Path | None = None) -> Path:
     """
     target = target or cache_dir() / DEFAULT_MODEL
     if (target / "config.json").is_file():
+        _drop_quantization_config(target / "config.json")  # repairs caches converted before that was done
         return target
     directory, name = packaged_gguf()
     log.info("converting the packaged %s to safetensors in %s (once)", name, target)
 
     def write(tmp: Path) -> None:
         gguf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-        model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+        config = gguf_model.config
+        # the weights are dequantised: a saved GGUF quantization_config would make every later load a "GGUF
+        # quantized" model that save_pretrained refuses (the stages' Hugging Face export)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(tmp)
 
     return _atomic_directory_write(target, write)
+
+
+def _drop_quantization_config(config_path: Path) -> None:
+    """Remove a ``quantization_config`` from a converted model's ``config.json`` (atomically), if present."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.pop("quantization_config", None) is None:
+        return
+    tmp = config_path.with_name(f".{config_path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, config_path)
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -26,6 +26,9 @@ class SFTModule(StageModule):
         rouge_batches: validation batches that also sample for ROUGE (``None`` = all, 0 = none).
         num_samples: rows kept for the sample table.
         trainable_layers: train only the top N transformer blocks (``None`` = all; a CPU speed knob).
+        response_only_loss: average the loss over reference-summary tokens (EOS included) only. Off by default:
+            the recipe trains on the whole sequence. Small runs learn the "summary + EOS" format much faster
+            with it, since the query is ~85% of the tokens.
     """
 
     def __init__(
@@ -39,6 +42,7 @@ class SFTModule(StageModule):
         rouge_batches: Optional[int] = None,
         num_samples: int = 8,
         trainable_layers: Optional[int] = None,
+        response_only_loss: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -52,13 +56,20 @@ class SFTModule(StageModule):
             self.tokenizer = load_tokenizer(self.hparams.model)
             self.policy = freeze_bottom_layers(load_causal_lm(self.hparams.model), self.hparams.trainable_layers)
 
-    def loss(self, input_ids: torch.Tensor) -> torch.Tensor:
-        inputs = model_inputs(input_ids, self.tokenizer.pad_token_id)
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Mean next-token cross-entropy over the batch's real tokens (or response tokens only, see the flag)."""
+        pad = self.tokenizer.pad_token_id
+        inputs = model_inputs(batch["input_ids"], pad)
         logits = self.policy(**inputs).logits  # (B, L, V)
-        return sequence_cross_entropy(logits, inputs["input_ids"], inputs["attention_mask"].bool())
+        target_mask = inputs["attention_mask"].bool()  # (B, L)
+        if self.hparams.response_only_loss:
+            query_lengths = (batch["query_ids"] != pad).sum(1, keepdim=True)  # (B, 1)
+            positions = torch.arange(target_mask.size(1), device=target_mask.device).unsqueeze(0)
+            target_mask = target_mask & (positions >= query_lengths)
+        return sequence_cross_entropy(logits, inputs["input_ids"], target_mask)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch["input_ids"])
+        loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -66,7 +77,7 @@ class SFTModule(StageModule):
         self.validation_samples = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.log("val/loss", self.loss(batch["input_ids"]), prog_bar=True, sync_dist=True, batch_size=len(batch["reference"]))
+        self.log("val/loss", self.loss(batch), prog_bar=True, sync_dist=True, batch_size=len(batch["reference"]))
         if self.hparams.rouge_batches is not None and batch_idx >= self.hparams.rouge_batches:
             return
         responses = generate(
