@@ -276,6 +276,27 @@ def test_rollout_shapes_and_masks(ppo_module, queries):
     assert torch.equal(data["logprobs"], data["ref_logprobs"]) and not data["kl"].any()
 
 
+def test_rollout_with_frozen_trunk_matches_full_models(tiny_model_dir, tiny_reward_dir, ppo_module, queries):
+    """trainable_layers=1: the shared lower block runs once, the rollout and the PPO loss are unchanged."""
+    split = PPOModule(policy=str(tiny_model_dir), reward_model=str(tiny_reward_dir), response_length=RESPONSE_LENGTH, trainable_layers=1)
+    split.configure_model()
+    split.trainer = ppo_module.trainer
+    split.share_frozen_trunks()
+    ppo_module.share_frozen_trunks()
+    assert split.policy_trunk.num_blocks == 1 and split.value_trunk.num_blocks == 1 and not ppo_module.policy_trunk
+    torch.manual_seed(0)
+    full_data = ppo_module.rollout(queries)
+    torch.manual_seed(0)
+    split_data = split.rollout(queries)
+    assert split_data["policy_hidden"].shape == (*full_data["query_responses"].shape, 32) and "policy_hidden" not in full_data
+    for key in ("responses", "logprobs", "ref_logprobs", "values", "scores", "advantages", "returns"):
+        torch.testing.assert_close(split_data[key], full_data[key], rtol=0, atol=1e-5, msg=key)
+    rows = torch.tensor([2, 0])
+    full_loss, _ = ppo_module.ppo_loss(full_data, rows, queries.size(1))
+    split_loss, _ = split.ppo_loss(split_data, rows, queries.size(1))
+    torch.testing.assert_close(split_loss, full_loss, rtol=0, atol=1e-6)
+
+
 def test_rollout_eos_truncation_penalty_and_whitening(ppo_module, queries, monkeypatch):
     pad = ppo_module.tokenizer.pad_token_id
     real_generate = ppo_stage.generate

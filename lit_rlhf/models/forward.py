@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from transformers import GenerationConfig
 from lit_rlhf.algorithms import INVALID_LOGPROB, last_token_index, logprobs_from_logits
 
 
-def model_inputs(ids: torch.Tensor, pad_token_id: int) -> dict[str, torch.Tensor]:
+def model_inputs(ids: torch.Tensor, pad_token_id: int, hidden: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """Model keyword arguments for a padded batch (recipe D6).
 
     Pad ids are replaced by 0 (the ``[PAD]`` id may lie outside the embedding matrix, which is never
@@ -20,13 +20,16 @@ def model_inputs(ids: torch.Tensor, pad_token_id: int) -> dict[str, torch.Tensor
 
     Args:
         ids: ``(B, L)`` token ids with ``pad_token_id`` at padded positions.
+        hidden: ``(B, L, H)`` hidden states from a :class:`~lit_rlhf.models.trunk.FrozenTrunk`; when given they
+            are passed as ``inputs_embeds`` instead of ``input_ids`` (to the trunk's top view of a model).
 
     Returns:
-        ``input_ids``, ``attention_mask`` and ``position_ids``, each ``(B, L)``.
+        ``input_ids`` (or ``inputs_embeds``), ``attention_mask`` and ``position_ids``, each ``(B, L)``.
     """
     mask = ids != pad_token_id
     position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
-    return {"input_ids": ids.masked_fill(~mask, 0), "attention_mask": mask.long(), "position_ids": position_ids}
+    inputs = {"input_ids": ids.masked_fill(~mask, 0)} if hidden is None else {"inputs_embeds": hidden}
+    return {**inputs, "attention_mask": mask.long(), "position_ids": position_ids}
 
 
 def response_logprobs(
@@ -36,6 +39,7 @@ def response_logprobs(
     pad_token_id: int,
     temperature: float,
     return_entropy: bool = False,
+    hidden: Optional[torch.Tensor] = None,
 ) -> Any:
     """Logprobs of the response tokens under ``model`` with temperature-scaled logits (recipe P4).
 
@@ -48,13 +52,14 @@ def response_logprobs(
         context_length: ``Q``.
         temperature: the sampling temperature.
         return_entropy: also return the ``(B, T)`` entropy of the scaled distribution.
+        hidden: trunk hidden states ``(B, Q + T, H)`` when ``model`` is a trunk's top view (see :func:`model_inputs`).
 
     Returns:
         ``(B, T)`` float32 logprobs, or ``(logprobs, entropy)``.
     """
     responses = query_responses[:, context_length:]
     length = responses.size(1)
-    logits = model(**model_inputs(query_responses, pad_token_id), logits_to_keep=length + 1).logits[:, :-1]  # (B, T, V)
+    logits = model(**model_inputs(query_responses, pad_token_id, hidden), logits_to_keep=length + 1).logits[:, :-1]  # (B, T, V)
     padded = responses == pad_token_id
     # the [PAD] id may lie outside the vocabulary (recipe D6): gather a real id there, then overwrite
     logprobs = logprobs_from_logits(logits, responses.masked_fill(padded, 0), temperature)
@@ -67,17 +72,20 @@ def response_logprobs(
     return logprobs, entropy
 
 
-def sequence_scores(scalar_model: nn.Module, ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+def sequence_scores(
+    scalar_model: nn.Module, ids: torch.Tensor, pad_token_id: int, hidden: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Score of each sequence at its last non-pad token (recipe R3), after the model's bias (R5).
 
     Args:
         scalar_model: a :class:`~lit_rlhf.models.scalar.ScalarModel`.
         ids: ``(B, L)`` padded sequences (any padding side).
+        hidden: trunk hidden states ``(B, L, H)`` when ``scalar_model`` is a trunk's top view.
 
     Returns:
         ``(B,)`` float32 scores.
     """
-    inputs = model_inputs(ids, pad_token_id)
+    inputs = model_inputs(ids, pad_token_id, hidden)
     values = scalar_model(**inputs).float()  # (B, L)
     rows = torch.arange(ids.size(0), device=ids.device)
     return values[rows, last_token_index(inputs["attention_mask"])]

@@ -88,7 +88,9 @@ class ScalarModel(PreTrainedModel):
             raise ValueError(f"{path} holds a '{config.model_type}' model, not a lit_rlhf reward/value model")
         return disable_dropout(cls.from_pretrained(path, dtype=dtype))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any
+    ) -> torch.Tensor:
         """Scores ``(B, L)``: ``head(last hidden state) - bias`` at every position."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         return self.scalar_head(hidden).squeeze(-1) - self.config.bias

@@ -28,6 +28,7 @@ from lit_rlhf.algorithms import (
 from lit_rlhf.models.forward import generate, model_inputs, response_logprobs, sequence_scores
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lit_rlhf.models.scalar import ScalarModel
+from lit_rlhf.models.trunk import FrozenTrunk
 from lit_rlhf.stages.common import StageModule, decode_query, decode_responses, freeze_bottom_layers
 
 #: Recipe P11: per-rank seed offset.
@@ -64,7 +65,9 @@ class PPOModule(StageModule):
         seed: base seed; rank ``r`` samples with ``seed + r * 100003`` (P11).
         rollout_batch_size: rows per no-grad forward during the rollout (``None`` = all at once).
         num_samples: rows kept for the validation sample table.
-        trainable_layers: train only the top N blocks of policy and value model (``None`` = all).
+        trainable_layers: train only the top N blocks of policy and value model (``None`` = all). The frozen
+            lower blocks then run once per rollout batch for policy + reference and once for value + reward
+            model, and are not re-run in the PPO epochs (:class:`~lit_rlhf.models.trunk.FrozenTrunk`; exact).
     """
 
     #: recipe P8: linear annealing to 0, stepped once per update
@@ -107,6 +110,7 @@ class PPOModule(StageModule):
         self.validation_samples: list[dict[str, Any]] = []
         self.policy: Any = None
         self.tokenizer: Any = None
+        self.policy_trunk = self.value_trunk = FrozenTrunk()
 
     # ------------------------------------------------------------------ models
     def configure_model(self) -> None:
@@ -119,17 +123,29 @@ class PPOModule(StageModule):
         self.reward_model = ScalarModel.load(hp.reward_model).requires_grad_(False).eval()
         self.value_model = freeze_bottom_layers(ScalarModel.load(hp.value_model or hp.reward_model), hp.trainable_layers)
 
+    def share_frozen_trunks(self) -> None:
+        """Find the frozen lower blocks policy/reference and value/reward model share (after any checkpoint load)."""
+        self.policy_trunk = FrozenTrunk.shared_by(self.policy, self.ref_policy)
+        self.value_trunk = FrozenTrunk.shared_by(self.value_model, self.reward_model)
+
     def on_fit_start(self) -> None:
         torch.manual_seed(self.hparams.seed + self.global_rank * RANK_SEED_STRIDE)  # recipe P11
         self._start_time = time.time()
+        self.share_frozen_trunks()
+
+    def on_validation_start(self) -> None:
+        self.share_frozen_trunks()
+
+    def on_test_start(self) -> None:
+        self.share_frozen_trunks()
 
     def _chunks(self, size: int) -> list[slice]:
         step = self.hparams.rollout_batch_size or size
         return [slice(i, i + step) for i in range(0, size, step)]
 
-    def values(self, query_responses: torch.Tensor, context_length: int) -> torch.Tensor:
-        """Value estimates ``(B, T)`` at the state before each response token."""
-        values = self.value_model(**model_inputs(query_responses, self.tokenizer.pad_token_id))
+    def values(self, query_responses: torch.Tensor, context_length: int, hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Value estimates ``(B, T)`` at the state before each response token (``hidden``: value-trunk output)."""
+        values = self.value_trunk.top(self.value_model)(**model_inputs(query_responses, self.tokenizer.pad_token_id, hidden))
         return values[:, context_length - 1 : -1].float()
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -145,7 +161,8 @@ class PPOModule(StageModule):
         Returns:
             dict of ``query_responses`` ``(B, Q+T)`` (post-processed), ``responses`` ``(B, T)`` (raw samples),
             ``padding_mask``, ``logprobs``, ``ref_logprobs``, ``values``, ``rewards``, ``kl``,
-            ``non_score_reward``, ``advantages``, ``returns`` (each ``(B, T)``) and ``scores`` ``(B,)``.
+            ``non_score_reward``, ``advantages``, ``returns`` (each ``(B, T)``) and ``scores`` ``(B,)``; with
+            frozen trunks also ``policy_hidden`` / ``value_hidden`` ``(B, Q+T, H)``, reused by every PPO epoch.
         """
         hp, tok = self.hparams, self.tokenizer
         pad, eos, context_length = tok.pad_token_id, tok.eos_token_id, queries.size(1)
@@ -155,15 +172,22 @@ class PPOModule(StageModule):
         postprocessed = truncate_after_eos(responses, eos, pad) if hp.truncate_after_eos else responses  # (B, T)
         query_responses = torch.cat([queries, postprocessed], dim=1)  # (B, Q+T)
         # 3. logprobs of policy and reference with temperature-scaled logits (P4), values and RM scores
-        logprobs, ref_logprobs, values, scores = [], [], [], []
+        #    (frozen lower blocks shared by policy/reference and value/reward model run once: FrozenTrunk)
+        logprobs, ref_logprobs, values, scores, policy_hidden, value_hidden = [], [], [], [], [], []
+        policy, ref_policy = self.policy_trunk.top(self.policy), self.policy_trunk.top(self.ref_policy)
+        reward_model = self.value_trunk.top(self.reward_model)
         for part in self._chunks(queries.size(0)):
             qr = query_responses[part]
-            logprobs.append(response_logprobs(self.policy, qr, context_length, pad, hp.temperature))
-            ref_logprobs.append(response_logprobs(self.ref_policy, qr, context_length, pad, hp.temperature))
-            values.append(self.values(qr, context_length))
-            scores.append(sequence_scores(self.reward_model, qr, pad))
+            policy_hidden.append(self.policy_trunk(qr, pad))  # (b, Q+T, H) or None
+            value_hidden.append(self.value_trunk(qr, pad))
+            logprobs.append(response_logprobs(policy, qr, context_length, pad, hp.temperature, hidden=policy_hidden[-1]))
+            ref_logprobs.append(response_logprobs(ref_policy, qr, context_length, pad, hp.temperature, hidden=policy_hidden[-1]))
+            values.append(self.values(qr, context_length, hidden=value_hidden[-1]))
+            scores.append(sequence_scores(reward_model, qr, pad, hidden=value_hidden[-1]))
         logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)  # (B, T)
         values, scores = torch.cat(values), torch.cat(scores)  # (B, T), (B,)
+        trunks = {"policy_hidden": policy_hidden, "value_hidden": value_hidden}
+        trunks = {key: torch.cat(parts) for key, parts in trunks.items() if parts[0] is not None}
         # 4. no EOS -> penalty score (P3); mask positions after the last real token (P4)
         last_index = first_true_indices(postprocessed == pad) - 1  # (B,) index of EOS / last token
         if hp.non_eos_penalty:
@@ -186,7 +210,7 @@ class PPOModule(StageModule):
             "query_responses": query_responses, "responses": responses, "padding_mask": padding_mask,
             "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "scores": scores,
             "rewards": rewards, "kl": kl, "non_score_reward": non_score_reward,
-            "advantages": advantages, "returns": returns,
+            "advantages": advantages, "returns": returns, **trunks,
         }
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -222,11 +246,14 @@ class PPOModule(StageModule):
         padding_mask = data["padding_mask"][rows]  # (b, T)
         mask = ~padding_mask
         query_responses = data["query_responses"][rows]  # (b, Q+T)
+        policy_hidden = data["policy_hidden"][rows] if "policy_hidden" in data else None  # (b, Q+T, H): frozen trunk
+        value_hidden = data["value_hidden"][rows] if "value_hidden" in data else None
+        policy, pad = self.policy_trunk.top(self.policy), self.tokenizer.pad_token_id
         new_logprobs, entropy = response_logprobs(
-            self.policy, query_responses, context_length, self.tokenizer.pad_token_id, hp.temperature, return_entropy=True
+            policy, query_responses, context_length, pad, hp.temperature, return_entropy=True, hidden=policy_hidden
         )
         new_logprobs = new_logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
-        new_values = self.values(query_responses, context_length).masked_fill(padding_mask, 0.0)
+        new_values = self.values(query_responses, context_length, hidden=value_hidden).masked_fill(padding_mask, 0.0)
         pg_loss, pg_stats = ppo_policy_loss(new_logprobs, data["logprobs"][rows], data["advantages"][rows], mask, hp.cliprange)
         vf_loss, vf_stats = ppo_value_loss(new_values, data["values"][rows], data["returns"][rows], mask, hp.cliprange_value)
         stats = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/entropy": masked_mean(entropy.detach(), mask)}
@@ -277,13 +304,17 @@ class PPOModule(StageModule):
             responses = generate(self.policy, queries, tok.pad_token_id, tok.eos_token_id, hp.response_length, hp.temperature)
         postprocessed = truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id)
         query_responses = torch.cat([queries, postprocessed], dim=1)
-        scores = sequence_scores(self.reward_model, query_responses, tok.pad_token_id)
+        scores = sequence_scores(self.reward_model, query_responses, tok.pad_token_id)  # reward trunk not shared here
         contains_eos = (postprocessed == tok.eos_token_id).any(dim=1)
         if hp.non_eos_penalty:
             scores = torch.where(contains_eos, scores, torch.full_like(scores, hp.penalty_reward_value))
         mask = postprocessed != tok.pad_token_id
-        logprobs = response_logprobs(self.policy, query_responses, queries.size(1), tok.pad_token_id, hp.temperature)
-        ref_logprobs = response_logprobs(self.ref_policy, query_responses, queries.size(1), tok.pad_token_id, hp.temperature)
+        hidden = self.policy_trunk(query_responses, tok.pad_token_id)  # shared by policy and reference, or None
+        context_length, pad = queries.size(1), tok.pad_token_id
+        logprobs, ref_logprobs = (
+            response_logprobs(self.policy_trunk.top(model), query_responses, context_length, pad, hp.temperature, hidden=hidden)
+            for model in (self.policy, self.ref_policy)
+        )
         self.val_scores.update(scores)
         self.val_kl.update(((logprobs - ref_logprobs) * mask).sum(1))
         self.val_length.update(mask.sum(1).float())
