@@ -13,14 +13,25 @@ from lit_rlhf.algorithms.core import (
     masked_var,
     masked_whiten,
     pairwise_reward_loss,
+    penalize_missing_eos,
     ppo_policy_loss,
     ppo_value_loss,
     sequence_cross_entropy,
     truncate_after_eos,
 )
+from lit_rlhf.algorithms.dpo import DPO_LOSS_TYPES, PAIR_STRATEGIES, dpo_loss, select_pairs
+from lit_rlhf.algorithms.ppo_max import RunningMoments, merge_moments, minibatch_advantages, normalize_scores
 
 __all__ = [
+    "DPO_LOSS_TYPES",
     "INVALID_LOGPROB",
+    "PAIR_STRATEGIES",
+    "RunningMoments",
+    "dpo_loss",
+    "merge_moments",
+    "minibatch_advantages",
+    "normalize_scores",
+    "select_pairs",
     "entropy_from_logits",
     "first_true_indices",
     "gae_advantages",
@@ -32,6 +43,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "pairwise_reward_loss",
+    "penalize_missing_eos",
     "ppo_policy_loss",
     "ppo_value_loss",
     "sequence_cross_entropy",

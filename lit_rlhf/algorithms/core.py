@@ -53,6 +53,20 @@ def truncate_after_eos(responses: torch.Tensor, eos_token_id: int, pad_token_id:
     return responses.masked_fill(positions > eos_index.unsqueeze(1), pad_token_id)
 
 
+def penalize_missing_eos(scores: torch.Tensor, responses: torch.Tensor, eos_token_id: int, penalty: float) -> torch.Tensor:
+    """Replace the score of every response without an EOS by ``penalty`` (recipe P3: -1).
+
+    Args:
+        scores: ``(B,)`` reward-model scores.
+        responses: ``(B, T)`` response ids (truncated after EOS or not).
+
+    Returns:
+        ``(B,)`` new tensor.
+    """
+    contains_eos = (responses == eos_token_id).any(dim=1)
+    return torch.where(contains_eos, scores, torch.full_like(scores, penalty))
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last non-pad position of each row (recipe R3), valid for left, right or no padding.
 
