@@ -224,6 +224,8 @@ def test_build_preference_example_follows_choice(tokenizer, choice):
     assert example["chosen_ids"] == query + chosen + [PAD_ID] * (638 - len(query) - len(chosen))
     assert example["rejected_ids"] == query + rejected + [PAD_ID] * (638 - len(query) - len(rejected))
     assert example["query_ids"] == [PAD_ID] * (512 - len(query)) + query
+    assert example["chosen_response_ids"] == chosen + [PAD_ID] * (169 - len(chosen))
+    assert example["rejected_response_ids"] == rejected + [PAD_ID] * (169 - len(rejected))
     assert example["batch"] == "batch9"
     assert example["confidence"] == 7
 
@@ -413,13 +415,19 @@ def test_preference_datamodule_on_real_data(tokenizer, default_model_dir):
     assert len(val) == 8  # every sampled comparison fits 169 / 638
 
     batch = next(iter(dm.val_dataloader()))
-    assert set(batch) == {"query_ids", "chosen_ids", "rejected_ids", "batch", "confidence"}
+    assert set(batch) == {"query_ids", "chosen_ids", "rejected_ids", "chosen_response_ids", "rejected_response_ids", "batch", "confidence"}
     assert batch["batch"].dtype == torch.long and batch["confidence"].dtype == torch.long
     assert [dm.batch_names[i] for i in batch["batch"].tolist()] == [r["batch"] for r in raw_val[:4]]
     assert batch["confidence"].tolist() == [r["extra"]["confidence"] for r in raw_val[:4]]
-    for key in ("chosen_ids", "rejected_ids"):
+    for key in ("chosen_ids", "rejected_ids", "chosen_response_ids", "rejected_response_ids"):
         assert batch[key].shape[0] == 4 and batch[key].shape[1] <= 638
         _check_trimmed(batch[key], torch.tensor(val[:4][key]), "right")
+    for side in ("chosen", "rejected"):  # query (unpadded) + response == the full sequence
+        for i in range(4):
+            query = batch["query_ids"][i][batch["query_ids"][i] != PAD_ID]
+            response = batch[f"{side}_response_ids"][i][batch[f"{side}_response_ids"][i] != PAD_ID]
+            full = batch[f"{side}_ids"][i][batch[f"{side}_ids"][i] != PAD_ID]
+            assert torch.equal(torch.cat([query, response]), full)
     _check_trimmed(batch["query_ids"], torch.tensor(val[:4]["query_ids"]), "left")
     for i, raw in enumerate(raw_val[:4]):  # chosen/rejected follow `choice`, with the summaries' own space
         chosen = batch["chosen_ids"][i]

@@ -12,6 +12,7 @@ derived from the attention mask.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from functools import partial
 from typing import Any, Callable, Iterator, Optional
@@ -19,8 +20,11 @@ from typing import Any, Callable, Iterator, Optional
 import datasets
 import lightning as L
 import torch
+from datasets.fingerprint import Hasher
+from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Sampler
 
+from lit_rlhf.data import formatting
 from lit_rlhf.data.formatting import build_preference_example, build_sft_example, trim_padding
 from lit_rlhf.data.io import load_split
 from lit_rlhf.models.loading import load_tokenizer
@@ -47,7 +51,12 @@ def _build(split: datasets.Dataset, builder: Callable, what: str, source: str) -
                 out.setdefault(key, []).append(value)
         return out
 
-    built = split.map(build_rows, batched=True, batch_size=1000, remove_columns=split.column_names, desc=f"formatting {what}")
+    # datasets fingerprints module-level functions by name: add the formatting code itself so that a changed
+    # template or layout never reuses a stale cache
+    fingerprint = Hasher.hash([split._fingerprint, what, inspect.getsource(formatting), builder])
+    built = split.map(
+        build_rows, batched=True, batch_size=1000, remove_columns=split.column_names, desc=f"formatting {what}", new_fingerprint=fingerprint
+    )
     if len(built) < len(split):
         log.warning("%s: dropped %d of %d rows whose response exceeds the fixed length", what, len(split) - len(built), len(split))
     if len(built) == 0:
@@ -67,14 +76,23 @@ class RepeatedShuffleSampler(Sampler[int]):
 
     def __init__(self, num_rows: int, num_samples: int, seed: int = 0) -> None:
         self.num_rows, self.num_samples, self.seed = num_rows, num_samples, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch ``e`` yields the ``e``-th block of ``num_samples`` indices of the same endless stream (Lightning
+        calls this): online DPO runs one iteration per epoch, each on new prompts, resumable at any epoch."""
+        self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed)
-        produced = 0
+        skip, produced = self.epoch * self.num_samples, 0
         while produced < self.num_samples:
             for index in torch.randperm(self.num_rows, generator=generator).tolist():
                 if produced == self.num_samples:
                     return
+                if skip:
+                    skip -= 1
+                    continue
                 yield index
                 produced += 1
 
@@ -119,6 +137,12 @@ class _TLDRDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.tokenizer_name)
         return self.tokenizer
+
+    def sft_sequences(self, path: str, limit: Optional[int], response_length: int, max_length: int) -> datasets.Dataset:
+        """(query + reference) training rows of the SFT data at ``path`` as ``input_ids`` (R5 normalisation, PPO-ptx)."""
+        sft = SFTDataModule(path, self.tokenizer_name, self.query_length, response_length, max_length, seed=self.seed)
+        sft.tokenizer = self._tokenizer()
+        return sft.build("train", limit).remove_columns(["query_ids"])
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Stack ``*_ids`` columns into ``(B, L)`` long tensors, trimming all-pad columns; keep the rest as lists."""
@@ -218,13 +242,23 @@ class PromptDataModule(SFTDataModule):
     ``total_episodes`` prompts in all (fresh permutations of the training rows one after another; with
     several ranks Lightning shards this stream), so one epoch of it is the whole PPO run.
 
+    With ``ptx_batch_size > 0`` (PPO-ptx, recipe §2) each training batch is ``{"prompts": ..., "ptx": ...}``,
+    ``ptx`` holding ``input_ids`` ``(b, L)`` (query + reference) rows of the SFT training data at ``ptx_path``,
+    reshuffled and repeated; the number of updates stays that of the prompts.
+
+    Online iterative DPO runs one iteration per epoch with ``total_episodes`` prompts: epoch ``e`` takes the
+    ``e``-th block of the same shuffled stream (:meth:`RepeatedShuffleSampler.set_epoch`).
+
     Args:
-        total_episodes: prompts sampled over the run (recipe P9: 1,000,000); ``batch_size`` of them per
-            update and rank.
+        total_episodes: prompts sampled over the run (recipe P9: 1,000,000), or per epoch; ``batch_size`` of
+            them per update and rank.
+        ptx_batch_size: SFT rows per update for PPO-ptx (0 = none).
+        ptx_path: SFT data for PPO-ptx (``None`` = ``path``).
+        ptx_samples: use only the first N of its training rows (``None`` = all).
         (others): as :class:`SFTDataModule`.
     """
 
-    padded_columns = {"query_ids": "left"}
+    padded_columns = {"query_ids": "left", "input_ids": "right"}
 
     def __init__(
         self,
@@ -238,6 +272,9 @@ class PromptDataModule(SFTDataModule):
         total_episodes: int = 1_000_000,
         train_samples: Optional[int] = None,
         val_samples: Optional[int] = None,
+        ptx_batch_size: int = 0,
+        ptx_path: Optional[str] = None,
+        ptx_samples: Optional[int] = None,
         num_workers: int = 0,
         seed: int = 1,
     ) -> None:
@@ -246,20 +283,35 @@ class PromptDataModule(SFTDataModule):
             batch_size, eval_batch_size, train_samples, val_samples, num_workers, seed,
         )
         self.total_episodes = total_episodes
+        self.ptx_batch_size, self.ptx_path, self.ptx_samples = ptx_batch_size, ptx_path, ptx_samples
 
     def build(self, split: str, limit: Optional[int]) -> datasets.Dataset:
         return super().build(split, limit).remove_columns("input_ids")
 
-    def train_dataloader(self) -> DataLoader:
+    def setup(self, stage: Optional[str] = None) -> None:
+        super().setup(stage)
+        if stage in (None, "fit") and self.ptx_batch_size > 0:
+            ptx = self.sft_sequences(self.ptx_path or self.path, self.ptx_samples, self.response_length, self.max_length)
+            self.splits.setdefault("ptx", ptx)
+
+    def train_dataloader(self) -> Any:
         train = self.splits["train"]
-        return self._loader(train, self.batch_size, sampler=RepeatedShuffleSampler(len(train), self.total_episodes, self.seed))
+        prompts = self._loader(train, self.batch_size, sampler=RepeatedShuffleSampler(len(train), self.total_episodes, self.seed))
+        if self.ptx_batch_size <= 0:
+            return prompts
+        # as many ptx batches as prompt batches, reshuffled and repeated: the prompts alone set the run's length
+        ptx_rows = len(prompts) * self.ptx_batch_size
+        ptx_sampler = RepeatedShuffleSampler(len(self.splits["ptx"]), ptx_rows, self.seed)
+        ptx = self._loader(self.splits["ptx"], self.ptx_batch_size, sampler=ptx_sampler)
+        return CombinedLoader({"prompts": prompts, "ptx": ptx}, mode="min_size")
 
 
 class PreferenceDataModule(_TLDRDataModule):
     """OpenAI comparisons as chosen/rejected pairs (recipe D1, D5, D7; R4-R6).
 
     Batches hold ``chosen_ids``/``rejected_ids`` ``(B, L)`` (query + summary + EOS, right-padded),
-    ``query_ids`` ``(B, Q)``, ``batch`` ``(B,)`` (index into :attr:`batch_names`) and ``confidence`` ``(B,)``
+    ``query_ids`` ``(B, Q)``, ``chosen_response_ids``/``rejected_response_ids`` ``(B, T)`` (summary + EOS alone,
+    right-padded, for DPO), ``batch`` ``(B,)`` (index into :attr:`batch_names`) and ``confidence`` ``(B,)``
     (labeller confidence 1-9, -1 when absent). ``choice`` selects the chosen summary; rows with an ``article``
     use the CNN/DM template. For the reward normalisation of recipe R5, :meth:`normalization_dataloader`
     serves SFT (query + reference) sequences from ``sft_path``.
@@ -275,7 +327,10 @@ class PreferenceDataModule(_TLDRDataModule):
         (others): as :class:`SFTDataModule`.
     """
 
-    padded_columns = {"chosen_ids": "right", "rejected_ids": "right", "query_ids": "left", "input_ids": "right"}
+    padded_columns = {
+        "chosen_ids": "right", "rejected_ids": "right", "query_ids": "left", "input_ids": "right",
+        "chosen_response_ids": "right", "rejected_response_ids": "right",
+    }
 
     def __init__(
         self,
@@ -338,10 +393,5 @@ class PreferenceDataModule(_TLDRDataModule):
         """
         if self.sft_path is None:
             raise ValueError("reward normalisation (recipe R5) needs data.sft_path")
-        sft = SFTDataModule(
-            self.sft_path, self.tokenizer_name, self.query_length, self.sft_response_length, self.sft_max_length,
-            train_samples=self.normalization_samples, seed=self.seed,
-        )
-        sft.tokenizer = self._tokenizer()
-        data = sft.build("train", self.normalization_samples).remove_columns(["query_ids"])
+        data = self.sft_sequences(self.sft_path, self.normalization_samples, self.sft_response_length, self.sft_max_length)
         return self._loader(data, self.eval_batch_size)

@@ -119,8 +119,10 @@ def build_preference_example(
 
     Returns:
         ``chosen_ids``/``rejected_ids`` (``max_length`` each: unpadded query + completion, right-padded),
-        ``query_ids`` (``query_length``, left-padded), ``batch`` (str) and ``confidence`` (int, -1 when
-        absent); ``None`` when a summary exceeds ``response_length`` tokens.
+        ``query_ids`` (``query_length``, left-padded), ``chosen_response_ids``/``rejected_response_ids``
+        (``response_length`` each: the completion alone, right-padded; DPO appends them to ``query_ids``),
+        ``batch`` (str) and ``confidence`` (int, -1 when absent); ``None`` when a summary exceeds
+        ``response_length`` tokens.
 
     Raises:
         KeyError: naming a missing field. ValueError: for a ``choice`` that is not 0 or 1.
@@ -146,6 +148,8 @@ def build_preference_example(
         "query_ids": pad(query, query_length, pad_id, "left"),
         "chosen_ids": pad(query + chosen, max_length, pad_id, "right"),
         "rejected_ids": pad(query + rejected, max_length, pad_id, "right"),
+        "chosen_response_ids": pad(chosen, response_length, pad_id, "right"),
+        "rejected_response_ids": pad(rejected, response_length, pad_id, "right"),
         "batch": str(row.get("batch") or "unknown"),
         "confidence": int(confidence) if confidence is not None else -1,
     }
