@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv quickstart report test test-fast lint clean
+.PHONY: venv quickstart quickstart-dpo report test test-fast lint clean
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ $(VENV)/.installed: pyproject.toml
 
 quickstart: venv
 	$(PY) -m lit_rlhf.pipeline configs/quickstart
+
+# Offline DPO and online iterative DPO on the quickstart's SFT and RM exports (runs the quickstart first if needed).
+quickstart-dpo: venv
+	test -f runs/quickstart/rm/model/config.json || $(MAKE) quickstart
+	$(PY) -m lit_rlhf.pipeline configs/quickstart --dpo
 
 report: venv
 	$(PY) -m lit_rlhf.evaluation.report runs/quickstart

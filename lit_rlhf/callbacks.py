@@ -19,12 +19,26 @@ class HFExport(L.Callback):
     The stage module provides ``save_hf(directory)``. The export is written to a temporary sibling directory
     and renamed into place, so ``dirpath`` is either absent, the previous export, or a complete new one.
 
+    With ``every_epoch`` it also exports after each training epoch to ``{dirpath}/../epochs/epoch-{N}``, the
+    per-iteration checkpoints of online iterative DPO (one epoch per iteration).
+
     Args:
         dirpath: output directory; ``None`` means ``{trainer.default_root_dir}/model``.
+        every_epoch: also export at every training epoch's end.
     """
 
-    def __init__(self, dirpath: Optional[str] = None) -> None:
+    def __init__(self, dirpath: Optional[str] = None, every_epoch: bool = False) -> None:
         self.dirpath = Path(dirpath) if dirpath else None
+        self.every_epoch = every_epoch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.every_epoch:
+            return
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.default_root_dir) / "model"
+        if trainer.global_rank == 0:
+            self.export(pl_module, self.dirpath.parent / "epochs" / f"epoch-{trainer.current_epoch}")
+        trainer.strategy.barrier("hf_export_epoch")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.dirpath is None:
@@ -33,22 +47,23 @@ class HFExport(L.Callback):
             self.export(pl_module)
         trainer.strategy.barrier("hf_export")
 
-    def export(self, pl_module: Any) -> Path:
-        """Write ``pl_module.save_hf`` output atomically to :attr:`dirpath`."""
-        self.dirpath.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.dirpath.name}.tmp-", dir=self.dirpath.parent))
+    def export(self, pl_module: Any, dirpath: Optional[Path] = None) -> Path:
+        """Write ``pl_module.save_hf`` output atomically to ``dirpath`` (default :attr:`dirpath`)."""
+        dirpath = Path(dirpath or self.dirpath)
+        dirpath.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dirpath.name}.tmp-", dir=dirpath.parent))
         try:
             pl_module.save_hf(tmp)
             old = None
-            if self.dirpath.exists():
-                old = self.dirpath.with_name(f".{self.dirpath.name}.old-{os.getpid()}")
-                os.replace(self.dirpath, old)
-            os.replace(tmp, self.dirpath)
+            if dirpath.exists():
+                old = dirpath.with_name(f".{dirpath.name}.old-{os.getpid()}")
+                os.replace(dirpath, old)
+            os.replace(tmp, dirpath)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return self.dirpath
+        return dirpath
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -67,15 +82,22 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 class SampleTable(L.Callback):
-    """Write the module's ``validation_samples`` (list of dicts) as a table to TensorBoard after validation."""
+    """Write the module's ``validation_samples`` (list of dicts) as a table to TensorBoard after validation,
+    and its ``iteration_samples`` (online DPO: the responses sampled for training) after each training epoch."""
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        samples = getattr(pl_module, "validation_samples", None)
+    @staticmethod
+    def _write(trainer: L.Trainer, tag: str, samples: Optional[list[dict[str, Any]]], step: int) -> None:
         if trainer.sanity_checking or not samples or trainer.global_rank != 0:
             return
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_text"):
-            experiment.add_text("samples", markdown_table(samples), global_step=trainer.global_step)
+            experiment.add_text(tag, markdown_table(samples), global_step=step)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, "samples", getattr(pl_module, "validation_samples", None), trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, "iteration_samples", getattr(pl_module, "iteration_samples", None), trainer.current_epoch)
 
 
 class ValidationResults(L.Callback):

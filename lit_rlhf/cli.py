@@ -14,6 +14,8 @@ from typing import Optional
 from lightning.pytorch.cli import LightningCLI
 
 from lit_rlhf.data.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
+from lit_rlhf.stages.dpo import DPOModule
+from lit_rlhf.stages.online_dpo import OnlineDPOModule
 from lit_rlhf.stages.ppo import PPOModule
 from lit_rlhf.stages.reward import RewardModule
 from lit_rlhf.stages.sft import SFTModule
@@ -23,6 +25,8 @@ STAGES = {
     "sft": (SFTModule, SFTDataModule, "model.model"),
     "rm": (RewardModule, PreferenceDataModule, "model.model"),
     "ppo": (PPOModule, PromptDataModule, "model.policy"),
+    "dpo": (DPOModule, PreferenceDataModule, "model.model"),
+    "online-dpo": (OnlineDPOModule, PromptDataModule, "model.policy"),
 }
 
 

@@ -1,12 +1,18 @@
-"""Run SFT -> RM -> PPO from one config directory and print the summary (the quickstart's main job).
+"""Run SFT -> RM -> PPO (and DPO, online DPO) from one config directory and print the summary.
 
-``python -m lit_rlhf.pipeline configs/quickstart`` runs, each through the ``lit-rlhf`` CLI:
+``python -m lit_rlhf.pipeline configs/quickstart`` (the quickstart's main job) runs, each through the
+``lit-rlhf`` CLI:
 
 1. ``sft validate`` (the base model: loss and ROUGE before training), 2. ``sft fit``, 3. ``rm fit``,
 4. ``ppo validate`` (the SFT policy), 5. ``ppo fit`` (ends with validation of the PPO policy),
 
 timing each, then prints :func:`lit_rlhf.evaluation.report.summary`. The run directory is read from the SFT
 config's ``trainer.default_root_dir`` parent (``runs/quickstart``) and emptied first.
+
+``--dpo`` runs, on top of a finished main job (its SFT and RM exports), 1. ``dpo fit`` (offline DPO, ends with
+the implicit-reward accuracy on the validation comparisons), 2. ``ppo validate`` of the DPO policy against the
+SFT policy (the same prompts and seeds as every other policy), 3. ``online-dpo fit`` (ends with its validation),
+then prints the summary with all four policies in one table.
 """
 
 from __future__ import annotations
@@ -37,35 +43,61 @@ def cpu_precision() -> str:
     return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
 
 
-STEPS = [("sft", "validate"), ("sft", "fit"), ("rm", "fit"), ("ppo", "validate"), ("ppo", "fit")]
+#: (step name, CLI stage, command, config file stem)
+STEPS = [
+    ("sft validate", "sft", "validate", "sft"), ("sft fit", "sft", "fit", "sft"), ("rm fit", "rm", "fit", "rm"),
+    ("ppo validate", "ppo", "validate", "ppo"), ("ppo fit", "ppo", "fit", "ppo"),
+]
+DPO_STEPS = [
+    ("dpo fit", "dpo", "fit", "dpo"), ("dpo eval", "ppo", "validate", "ppo"), ("online-dpo fit", "online-dpo", "fit", "online_dpo"),
+]
+
+
+def _root(config: Path) -> Path:
+    return Path(yaml.safe_load(config.read_text())["trainer"]["default_root_dir"])
+
+
+def _extra_args(step: str, configs: dict[str, Path], run_dir: Path) -> list[str]:
+    """The DPO policy is validated by the PPO stage's validation against the SFT policy, into its own directory."""
+    if step != "dpo eval":
+        return []
+    return [
+        "--model.policy", str(_root(configs["dpo"]) / "model"), "--model.ref_policy", str(_root(configs["sft"]) / "model"),
+        "--trainer.default_root_dir", str(run_dir / "dpo_eval"), "--trainer.logger.init_args.name", "dpo_eval",
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config_dir", type=Path, help="directory with sft.yaml, rm.yaml, ppo.yaml")
+    parser.add_argument("config_dir", type=Path, help="directory with sft.yaml, rm.yaml, ppo.yaml (and dpo.yaml, online_dpo.yaml)")
     parser.add_argument("--precision", default="auto", help="Lightning precision, or 'auto' (CPU: see cpu_precision)")
     parser.add_argument("--keep", action="store_true", help="do not empty the run directory first")
+    parser.add_argument("--dpo", action="store_true", help="run offline and online DPO on a finished main job's outputs")
     args = parser.parse_args(argv)
-    configs = {stage: args.config_dir / f"{stage}.yaml" for stage in ("sft", "rm", "ppo")}
+    steps = DPO_STEPS if args.dpo else STEPS
+    configs = {stem: args.config_dir / f"{stem}.yaml" for _, _, _, stem in STEPS + steps}
     for path in configs.values():
         if not path.is_file():
             raise SystemExit(f"missing config {path}")
-    sft_config = yaml.safe_load(configs["sft"].read_text())
-    run_dir = Path(sft_config["trainer"]["default_root_dir"]).parent
-    if run_dir.exists() and not args.keep:
+    run_dir = _root(configs["sft"]).parent
+    if args.dpo:
+        for needed in (_root(configs["sft"]) / "model", _root(configs["rm"]) / "model"):
+            if not (needed / "config.json").is_file():
+                raise SystemExit(f"--dpo needs the main job's export {needed}: run `make quickstart` first")
+    elif run_dir.exists() and not args.keep:
         print(f"emptying {run_dir}", flush=True)
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     precision = cpu_precision() if args.precision == "auto" else args.precision
-    timings: dict[str, float] = {}
-    for stage, command in STEPS:
-        name = f"{stage} {command}"
-        print(f"\n>>> lit-rlhf {name} --config {configs[stage]} --trainer.precision {precision}", flush=True)
+    timings_path = run_dir / "timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text())["stages"] if args.dpo and timings_path.is_file() else {}
+    for name, stage, command, stem in steps:
+        cli = [stage, command, "--config", str(configs[stem]), "--trainer.precision", precision, *_extra_args(name, configs, run_dir)]
+        print(f"\n>>> lit-rlhf {' '.join(cli)}", flush=True)
         start = time.time()
-        cli = [sys.executable, "-m", "lit_rlhf.cli", stage, command, "--config", str(configs[stage]), "--trainer.precision", precision]
-        result = subprocess.run(cli)
+        result = subprocess.run([sys.executable, "-m", "lit_rlhf.cli", *cli])
         timings[name] = time.time() - start
-        (run_dir / "timings.json").write_text(json.dumps({"precision": precision, "stages": timings}, indent=1))
+        timings_path.write_text(json.dumps({"precision": precision, "stages": timings}, indent=1))
         if result.returncode != 0:
             raise SystemExit(f"step '{name}' failed with exit code {result.returncode}")
     print(summary(run_dir))

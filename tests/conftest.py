@@ -49,3 +49,14 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     AutoTokenizer.from_pretrained(default_model_dir).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A scalar model on the tiny backbone, saved as a reward model (random head, recipe R2)."""
+    from lit_rlhf.models.scalar import ScalarModel
+
+    directory = tmp_path_factory.mktemp("tiny-rm")
+    torch.manual_seed(0)
+    ScalarModel.from_backbone(str(tiny_model_dir)).save_pretrained(directory)
+    return directory

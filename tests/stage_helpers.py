@@ -44,18 +44,27 @@ def stage_config(
             batch_size=2, eval_batch_size=2, train_samples=8, val_samples=4,
         )
         config["model"].update(response_length=8, rouge_batches=1, num_samples=2)
-    elif stage == "rm":
+    elif stage in ("rm", "dpo"):
         config["data"].update(
             path=str(COMPARISON_DATA), query_length=QUERY_LENGTH, response_length=RM_RESPONSE_LENGTH, max_length=RM_MAX_LENGTH,
             batch_size=2, eval_batch_size=2, train_samples=8, val_samples=4,
             sft_path=str(SFT_DATA), normalization_samples=8, sft_response_length=SFT_RESPONSE_LENGTH, sft_max_length=SFT_MAX_LENGTH,
         )
-    elif stage == "ppo":
+        if stage == "dpo":
+            config["data"]["sft_path"] = None
+    elif stage in ("ppo", "ppo_max"):
         config["data"].update(
             path=str(SFT_DATA), query_length=QUERY_LENGTH, response_length=SFT_RESPONSE_LENGTH, max_length=SFT_MAX_LENGTH,
             batch_size=2, eval_batch_size=2, total_episodes=4, train_samples=8, val_samples=4,
         )
         config["model"].update(response_length=8, num_ppo_epochs=2, num_samples=2)
+    elif stage == "online_dpo":
+        config["data"].update(
+            path=str(SFT_DATA), query_length=QUERY_LENGTH, response_length=SFT_RESPONSE_LENGTH, max_length=SFT_MAX_LENGTH,
+            batch_size=3, eval_batch_size=2, total_episodes=3, train_samples=8, val_samples=2,
+        )
+        config["model"].update(response_length=6, samples_per_prompt=3, dpo_batch_size=2, num_samples=2)
+        config["trainer"].update(max_epochs=2, check_val_every_n_epoch=2)
     else:
         raise ValueError(stage)
     config["model"]["trainable_layers"] = None  # the quickstart's value assumes SmolLM2's 30 blocks

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import ROOT
 from stage_helpers import assert_finite, last_checkpoint, load_checkpoint, results, stage_config
 from transformers import AutoModelForCausalLM
@@ -26,12 +25,16 @@ TOTAL_EPISODES = 8
 PPO_EPOCHS = 2
 
 
-@pytest.fixture(scope="module")
-def tiny_reward_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    directory = tmp_path_factory.mktemp("tiny-rm")
-    torch.manual_seed(0)
-    ScalarModel.from_backbone(str(tiny_model_dir)).save_pretrained(directory)
-    return directory
+def run_ddp(stage: str, config: Path) -> None:
+    """``lit-rlhf {stage} fit`` with two CPU processes; fails with the end of both outputs."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "lit_rlhf.cli", stage, "fit", "--config", str(config),
+        "--trainer.devices", str(WORLD_SIZE), "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
+    ]
+    process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
+    assert "Starting with 2 processes" in process.stdout + process.stderr
 
 
 @pytest.mark.timeout(600)
@@ -41,15 +44,7 @@ def test_ppo_ddp_two_cpu_processes(tiny_model_dir, tiny_reward_dir, tmp_path):
         model={"policy": str(tiny_model_dir), "reward_model": str(tiny_reward_dir), "num_ppo_epochs": PPO_EPOCHS, "lr": 1e-3},
         data={"batch_size": BATCH_SIZE, "total_episodes": TOTAL_EPISODES, "train_samples": 8, "val_samples": 4},
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "lit_rlhf.cli", "ppo", "fit", "--config", str(config),
-        "--trainer.devices", str(WORLD_SIZE), "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
-    ]
-    process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
-    assert "Starting with 2 processes" in process.stdout + process.stderr
-
+    run_ddp("ppo", config)
     run = tmp_path / "ppo"
     export = run / "model"
     assert AutoModelForCausalLM.from_pretrained(export).get_input_embeddings().num_embeddings == 49152
@@ -67,3 +62,29 @@ def test_ppo_ddp_two_cpu_processes(tiny_model_dir, tiny_reward_dir, tmp_path):
     state = load_checkpoint(last_checkpoint(tmp_path, "ppo"))
     assert state["global_step"] == updates_per_rank * PPO_EPOCHS
     assert not [key for key in state["state_dict"] if key.startswith(("ref_policy.", "reward_model."))]
+
+
+@pytest.mark.timeout(600)
+def test_ppo_max_ddp_two_cpu_processes(tiny_model_dir, tiny_reward_dir, tmp_path):
+    """PPO-ptx, critic pre-training and running score statistics under DDP (one gradient reduction per backward)."""
+    model = {"policy": str(tiny_model_dir), "reward_model": str(tiny_reward_dir), "num_ppo_epochs": PPO_EPOCHS, "lr": 1e-3,
+             "trainable_layers": None, "critic_warmup_updates": 1}
+    data = {"batch_size": BATCH_SIZE, "total_episodes": TOTAL_EPISODES, "train_samples": 8, "val_samples": 4,
+            "ptx_batch_size": 2, "ptx_samples": 8}
+    run_ddp("ppo", stage_config("ppo_max", tmp_path, model=model, data=data))
+    state = load_checkpoint(last_checkpoint(tmp_path, "ppo_max"))
+    assert state["global_step"] == TOTAL_EPISODES // (WORLD_SIZE * BATCH_SIZE) * PPO_EPOCHS
+    # each update merges the scores of both ranks: the running count covers every episode
+    assert state["state_dict"]["score_moments._extra_state"]["count"] == TOTAL_EPISODES
+    assert_finite(results(tmp_path / "ppo_max")[-1]["metrics"], "loss/ptx", "loss/value", "eval/scores")
+
+
+@pytest.mark.timeout(600)
+def test_online_dpo_ddp_two_cpu_processes(tiny_model_dir, tiny_reward_dir, tmp_path):
+    """Ranks form different numbers of pairs; they still take the same number of optimiser steps."""
+    model = {"policy": str(tiny_model_dir), "reward_model": str(tiny_reward_dir), "lr": 1e-3, "non_eos_penalty": False}
+    data = {"batch_size": 2, "total_episodes": 4}  # 2 prompts per rank and iteration
+    run_ddp("online-dpo", stage_config("online_dpo", tmp_path, model=model, data=data))
+    metrics = results(tmp_path / "online_dpo")[-1]["metrics"]
+    assert_finite(metrics, "iteration/scores", "iteration/kl", "train/loss", "eval/scores")
+    assert (tmp_path / "online_dpo" / "epochs" / "epoch-1" / "model.safetensors").is_file()

@@ -231,15 +231,6 @@ def test_ppo_validate_before_training_has_zero_kl(rm_run, tiny_model_dir, tmp_pa
 
 
 # -------------------------------------------------------------------------------------------------- the rollout
-@pytest.fixture(scope="module")
-def tiny_reward_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """A scalar model on the tiny backbone, saved as a reward model."""
-    directory = tmp_path_factory.mktemp("tiny-rm")
-    torch.manual_seed(0)
-    ScalarModel.from_backbone(str(tiny_model_dir)).save_pretrained(directory)
-    return directory
-
-
 RESPONSE_LENGTH = 12
 
 
@@ -367,7 +358,7 @@ def test_cli_unknown_stage_prints_usage(argv, capsys):
         main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "usage: lit-rlhf {sft|rm|ppo}" in err
+    assert "usage: lit-rlhf {sft|rm|ppo|dpo|online-dpo}" in err
 
 
 def test_cli_missing_model_path_names_it(tmp_path):

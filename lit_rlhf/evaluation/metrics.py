@@ -33,3 +33,22 @@ class GroupedAccuracy(Metric):
         for group in torch.unique(groups).tolist():
             result[group] = correct[groups == group].mean()
         return result
+
+
+def preference_accuracy(by_batch: GroupedAccuracy, by_confidence: GroupedAccuracy, batch_names: list[str], prefix: str = "val/") -> dict:
+    """Accuracy overall / per comparison ``batch`` / per labeller confidence as flat metric names (recipe R6).
+
+    Used by the reward model (explicit reward) and DPO (implicit reward) alike. Resets both metrics.
+
+    Returns:
+        ``{prefix}accuracy``, ``{prefix}accuracy_batch/{name}`` and ``{prefix}accuracy_confidence/{value}`` (0-d tensors).
+    """
+    per_batch, per_confidence = by_batch.compute(), by_confidence.compute()
+    metrics = {f"{prefix}accuracy": per_batch.pop("all")}
+    per_confidence.pop("all")
+    for group, value in per_batch.items():
+        metrics[f"{prefix}accuracy_batch/{batch_names[group] if group < len(batch_names) else group}"] = value
+    metrics.update({f"{prefix}accuracy_confidence/{group}": value for group, value in per_confidence.items()})
+    by_batch.reset()
+    by_confidence.reset()
+    return metrics

@@ -37,7 +37,8 @@ def _metric(record: Optional[dict[str, Any]], key: str) -> Optional[float]:
 
 
 def summary(run_dir: Path, num_samples: int = 3) -> str:
-    """Build the summary text of a quickstart run directory (``{sft,rm,ppo}/results.jsonl``, ``timings.json``)."""
+    """Build the summary text of a quickstart run directory (``{sft,rm,ppo}/results.jsonl``, ``timings.json``; with
+    ``make quickstart-dpo`` also ``dpo``, ``dpo_eval`` and ``online_dpo``)."""
     run_dir = Path(run_dir)
     lines = ["", "=" * 100, "lit_rlhf quickstart summary".center(100), "=" * 100]
     meta_path = run_dir / "timings.json"
@@ -61,11 +62,22 @@ def summary(run_dir: Path, num_samples: int = 3) -> str:
         lines.append("  per batch  " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(per_batch.items())))
         lines.append(f"  padding check (R7) max relative difference {_fmt(_metric(rm, 'val/padding_rel_diff'), 2)}")
 
+    dpo = _last(read_results(run_dir / "dpo"), "fit")
+    if dpo:
+        lines.append("\nOffline DPO (validation comparisons, implicit reward beta * (logp_policy - logp_ref))")
+        lines.append(f"  accuracy   {_fmt(_metric(dpo, 'val/accuracy'))}   margin {_fmt(_metric(dpo, 'val/reward_margin'))}"
+                     f"   (chosen {_fmt(_metric(dpo, 'val/chosen_reward'))}, rejected {_fmt(_metric(dpo, 'val/rejected_reward'))})")
+        per_batch = {k.split("/")[-1]: v for k, v in dpo["metrics"].items() if k.startswith("val/accuracy_batch/")}
+        lines.append("  per batch  " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(per_batch.items())))
+
     ppo = read_results(run_dir / "ppo")
     sft_policy, ppo_policy = _first(ppo, "validate"), _last(ppo, "fit")
-    lines.append("\nPPO (validation prompts, responses sampled at the rollout temperature, same seeds)")
+    policies = [("SFT", sft_policy), ("PPO", ppo_policy)]
+    dpo_policy, online_policy = _last(read_results(run_dir / "dpo_eval"), "validate"), _last(read_results(run_dir / "online_dpo"), "fit")
+    policies += [(name, record) for name, record in (("DPO", dpo_policy), ("online DPO", online_policy)) if record]
+    lines.append("\nPolicies on the validation prompts (responses sampled at temperature 0.7, same seeds)")
     lines.append(f"  {'policy':<12}{'mean RM score':>15}{'KL to SFT':>12}{'length':>10}{'EOS frac':>10}")
-    for name, record in (("SFT", sft_policy), ("PPO", ppo_policy)):
+    for name, record in policies:
         lines.append(
             f"  {name:<12}{_fmt(_metric(record, 'eval/scores')):>15}{_fmt(_metric(record, 'eval/kl')):>12}"
             f"{_fmt(_metric(record, 'eval/response_length'), 1):>10}{_fmt(_metric(record, 'eval/eos_fraction'), 2):>10}"

@@ -72,6 +72,23 @@ def response_logprobs(
     return logprobs, entropy
 
 
+def response_logprob_sums(
+    model: nn.Module, query_responses: torch.Tensor, context_length: int, pad_token_id: int, hidden: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Summed logprobs (temperature 1, nats) of each right-padded response after its left-padded query (DPO).
+
+    Args:
+        model: a causal LM (or a trunk's top view, with ``hidden``).
+        query_responses: ``(B, Q + T)``: queries left-padded to ``Q = context_length``, then responses.
+        hidden: trunk hidden states ``(B, Q + T, H)``, see :func:`model_inputs`.
+
+    Returns:
+        ``(B,)`` float32: the sum over real (non-pad) response tokens.
+    """
+    logprobs = response_logprobs(model, query_responses, context_length, pad_token_id, 1.0, hidden=hidden)  # (B, T)
+    return logprobs.masked_fill(query_responses[:, context_length:] == pad_token_id, 0.0).sum(1)
+
+
 def sequence_scores(
     scalar_model: nn.Module, ids: torch.Tensor, pad_token_id: int, hidden: Optional[torch.Tensor] = None
 ) -> torch.Tensor:

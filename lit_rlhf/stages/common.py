@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lit_rlhf.algorithms import truncate_after_eos
+from lit_rlhf.models.loading import load_causal_lm
 
 
 def adamw_with_schedule(
@@ -81,6 +82,19 @@ def freeze_bottom_layers(model: nn.Module, trainable_layers: Optional[int]) -> n
     return model
 
 
+def frozen(model: nn.Module) -> nn.Module:
+    """``model`` with no trainable parameter, in eval mode (reference policies, reward models)."""
+    return model.requires_grad_(False).eval()
+
+
+def load_policy_and_reference(
+    policy: str, trainable_layers: Optional[int], reference: Optional[str] = None
+) -> tuple[nn.Module, nn.Module]:
+    """The policy (top ``trainable_layers`` blocks trainable) and the frozen reference policy, both loaded from
+    ``policy`` unless ``reference`` names another checkpoint (recipe P1; DPO)."""
+    return freeze_bottom_layers(load_causal_lm(policy), trainable_layers), frozen(load_causal_lm(reference or policy))
+
+
 class StageModule(L.LightningModule):
     """Base of the stage modules.
 
@@ -90,6 +104,34 @@ class StageModule(L.LightningModule):
 
     #: learning-rate schedule over the run (see :func:`adamw_with_schedule`)
     schedule = "cosine"
+    #: frozen submodules loaded from disk by ``configure_model`` and left out of Lightning checkpoints
+    frozen_submodules: tuple[str, ...] = ()
+
+    def share_frozen_trunks(self) -> None:
+        """Set up :class:`~lit_rlhf.models.trunk.FrozenTrunk` sharing between this stage's models (none here).
+
+        Called at the start of fit, validation and test, after any checkpoint has been loaded.
+        """
+
+    def on_fit_start(self) -> None:
+        self.share_frozen_trunks()
+
+    def on_validation_start(self) -> None:
+        self.share_frozen_trunks()
+
+    def on_test_start(self) -> None:
+        self.share_frozen_trunks()
+
+    def row_chunks(self, size: int) -> list[slice]:
+        """Slices of ``size`` rows in chunks of ``hparams.rollout_batch_size`` (``None`` = one chunk)."""
+        step = self.hparams.get("rollout_batch_size") or size
+        return [slice(i, i + step) for i in range(0, size, step)]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop :attr:`frozen_submodules` from the checkpoint's state dict (they are on disk already)."""
+        prefixes = tuple(f"{name}." for name in self.frozen_submodules)
+        if prefixes:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
 
     def exported_model(self) -> nn.Module:
         """The model :meth:`save_hf` writes."""

@@ -12,34 +12,38 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torchmetrics import MeanMetric
 
 from lit_rlhf.algorithms import (
     INVALID_LOGPROB,
+    RunningMoments,
     first_true_indices,
     gae_advantages,
     kl_penalty_rewards,
     masked_mean,
     masked_whiten,
+    minibatch_advantages,
+    normalize_scores,
+    penalize_missing_eos,
     ppo_policy_loss,
     ppo_value_loss,
+    sequence_cross_entropy,
     truncate_after_eos,
 )
 from lit_rlhf.models.forward import generate, model_inputs, response_logprobs, sequence_scores
-from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
+from lit_rlhf.models.loading import load_tokenizer
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.models.trunk import FrozenTrunk
-from lit_rlhf.stages.common import StageModule, decode_query, decode_responses, freeze_bottom_layers
-
-#: Recipe P11: per-rank seed offset.
-RANK_SEED_STRIDE = 100003
+from lit_rlhf.stages.common import StageModule, freeze_bottom_layers, frozen, load_policy_and_reference
+from lit_rlhf.stages.policy_eval import RANK_SEED_STRIDE, PolicyValidation
 
 
-class PPOModule(StageModule):
+class PPOModule(PolicyValidation, StageModule):
     """PPO on a reward model with a fixed-coefficient KL penalty (recipe P1-P11, N+ defaults).
 
     Args:
         policy: SFT checkpoint; initialises the policy and the frozen reference policy (P1).
+        ref_policy: a different reference policy checkpoint (``None`` = ``policy``); e.g. to validate a DPO policy
+            against the SFT one.
         reward_model: trained reward model directory (frozen).
         value_model: initialises the value model, a separate network (P1); ``None`` = ``reward_model``.
         response_length: tokens sampled per response (P2: 53).
@@ -65,6 +69,16 @@ class PPOModule(StageModule):
         seed: base seed; rank ``r`` samples with ``seed + r * 100003`` (P11).
         rollout_batch_size: rows per no-grad forward during the rollout (``None`` = all at once).
         num_samples: rows kept for the validation sample table.
+        reward_norm: PPO-max: normalise RM scores by the running mean/std of all past scores (off).
+        reward_scaling: PPO-max: divide RM scores by the running std only (off; ``reward_norm`` wins).
+        reward_clip: PPO-max: clip the (normalised) scores to ``[-reward_clip, reward_clip]`` (0.8 / 0.3 studied).
+        advantage_norm: PPO-max: whiten advantages again over each minibatch (off).
+        advantage_clip: PPO-max: clip advantages to ``[-advantage_clip, advantage_clip]`` after that.
+        critic_warmup_updates: PPO-max critic pre-training: the first N updates train the value model only.
+        max_grad_norm: PPO-max global gradient-norm clipping over policy + value model (paper 1.0; ``None`` = off).
+        ptx_coef: PPO-ptx: weight of the SFT loss on the datamodule's ``ptx`` batch, added at every optimiser step
+            (0 = off; the data comes from ``PromptDataModule(ptx_batch_size=...)``).
+        entropy_coef: entropy bonus, ``- entropy_coef * mean entropy`` added to the loss (reported unstable; 0).
         trainable_layers: train only the top N blocks of policy and value model (``None`` = all). The frozen
             lower blocks then run once per rollout batch for policy + reference and once for value + reward
             model, and are not re-run in the PPO epochs (:class:`~lit_rlhf.models.trunk.FrozenTrunk`; exact).
@@ -72,11 +86,13 @@ class PPOModule(StageModule):
 
     #: recipe P8: linear annealing to 0, stepped once per update
     schedule = "linear"
+    frozen_submodules = ("ref_policy", "reward_model")
 
     def __init__(
         self,
         policy: str = "smollm2-135m",
         reward_model: str = "runs/rm/model",
+        ref_policy: Optional[str] = None,
         value_model: Optional[str] = None,
         response_length: int = 53,
         temperature: float = 0.7,
@@ -100,14 +116,23 @@ class PPOModule(StageModule):
         seed: int = 1,
         rollout_batch_size: Optional[int] = None,
         num_samples: int = 8,
+        reward_norm: bool = False,
+        reward_scaling: bool = False,
+        reward_clip: Optional[float] = None,
+        advantage_norm: bool = False,
+        advantage_clip: Optional[float] = None,
+        critic_warmup_updates: int = 0,
+        max_grad_norm: Optional[float] = None,
+        ptx_coef: float = 0.0,
+        entropy_coef: float = 0.0,
         trainable_layers: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
+        self.score_moments = RunningMoments()  # PPO-max running score statistics, checkpointed
         self.strict_loading = False  # checkpoints leave out the frozen reference policy and reward model
-        self.val_scores, self.val_kl, self.val_length, self.val_eos = MeanMetric(), MeanMetric(), MeanMetric(), MeanMetric()
-        self.validation_samples: list[dict[str, Any]] = []
+        self.init_policy_validation()
         self.policy: Any = None
         self.tokenizer: Any = None
         self.policy_trunk = self.value_trunk = FrozenTrunk()
@@ -118,9 +143,8 @@ class PPOModule(StageModule):
             return
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.policy)
-        self.policy = freeze_bottom_layers(load_causal_lm(hp.policy), hp.trainable_layers)
-        self.ref_policy = load_causal_lm(hp.policy).requires_grad_(False).eval()
-        self.reward_model = ScalarModel.load(hp.reward_model).requires_grad_(False).eval()
+        self.policy, self.ref_policy = load_policy_and_reference(hp.policy, hp.trainable_layers, hp.ref_policy)
+        self.reward_model = frozen(ScalarModel.load(hp.reward_model))
         self.value_model = freeze_bottom_layers(ScalarModel.load(hp.value_model or hp.reward_model), hp.trainable_layers)
 
     def share_frozen_trunks(self) -> None:
@@ -131,17 +155,7 @@ class PPOModule(StageModule):
     def on_fit_start(self) -> None:
         torch.manual_seed(self.hparams.seed + self.global_rank * RANK_SEED_STRIDE)  # recipe P11
         self._start_time = time.time()
-        self.share_frozen_trunks()
-
-    def on_validation_start(self) -> None:
-        self.share_frozen_trunks()
-
-    def on_test_start(self) -> None:
-        self.share_frozen_trunks()
-
-    def _chunks(self, size: int) -> list[slice]:
-        step = self.hparams.rollout_batch_size or size
-        return [slice(i, i + step) for i in range(0, size, step)]
+        super().on_fit_start()
 
     def values(self, query_responses: torch.Tensor, context_length: int, hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Value estimates ``(B, T)`` at the state before each response token (``hidden``: value-trunk output)."""
@@ -176,7 +190,7 @@ class PPOModule(StageModule):
         logprobs, ref_logprobs, values, scores, policy_hidden, value_hidden = [], [], [], [], [], []
         policy, ref_policy = self.policy_trunk.top(self.policy), self.policy_trunk.top(self.ref_policy)
         reward_model = self.value_trunk.top(self.reward_model)
-        for part in self._chunks(queries.size(0)):
+        for part in self.row_chunks(queries.size(0)):
             qr = query_responses[part]
             policy_hidden.append(self.policy_trunk(qr, pad))  # (b, Q+T, H) or None
             value_hidden.append(self.value_trunk(qr, pad))
@@ -191,15 +205,16 @@ class PPOModule(StageModule):
         # 4. no EOS -> penalty score (P3); mask positions after the last real token (P4)
         last_index = first_true_indices(postprocessed == pad) - 1  # (B,) index of EOS / last token
         if hp.non_eos_penalty:
-            contains_eos = (postprocessed == eos).any(dim=1)
-            scores = torch.where(contains_eos, scores, torch.full_like(scores, hp.penalty_reward_value))
+            scores = penalize_missing_eos(scores, postprocessed, eos, hp.penalty_reward_value)
         positions = torch.arange(postprocessed.size(1), device=queries.device).unsqueeze(0)  # (1, T)
         padding_mask = positions > last_index.unsqueeze(1)  # (B, T) true on pads
         logprobs = logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
         ref_logprobs = ref_logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
         values = values.masked_fill(padding_mask, 0.0)
+        # PPO-max (off by default): running score normalisation / scaling, clipping
+        shaped_scores = self.shape_scores(scores)
         # 5. rewards: per-token KL penalty, RM score on the last token (P5)
-        rewards, kl, non_score_reward = kl_penalty_rewards(logprobs, ref_logprobs, scores, last_index, hp.kl_coef)
+        rewards, kl, non_score_reward = kl_penalty_rewards(logprobs, ref_logprobs, shaped_scores, last_index, hp.kl_coef)
         if hp.whiten_rewards:  # P6 (off by default)
             rewards = masked_whiten(rewards, ~padding_mask, shift_mean=False, all_reduce=self._all_reduce)
             rewards = rewards.masked_fill(padding_mask, 0.0)
@@ -213,11 +228,23 @@ class PPOModule(StageModule):
             "advantages": advantages, "returns": returns, **trunks,
         }
 
+    def shape_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """PPO-max score reparameterisation of ``(B,)`` scores (identity with the N+ defaults)."""
+        hp = self.hparams
+        if hp.reward_norm or hp.reward_scaling:
+            self.score_moments.update(scores, all_reduce=self._all_reduce)
+            mean, std = self.score_moments.mean, self.score_moments.std
+            return normalize_scores(scores, mean, std, shift_mean=hp.reward_norm, clip=hp.reward_clip)
+        return scores.clamp(-hp.reward_clip, hp.reward_clip) if hp.reward_clip is not None else scores
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         hp = self.hparams
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        batch, ptx_batch = (batch["prompts"], batch["ptx"]) if "prompts" in batch else (batch, None)  # PPO-ptx data
         queries = batch["query_ids"]  # (B, Q)
         context_length, batch_size = queries.size(1), queries.size(0)
+        update = self.global_step // (hp.num_ppo_epochs * hp.num_mini_batches)  # updates done before this one
+        value_only = update < hp.critic_warmup_updates  # PPO-max critic pre-training
         data = self.rollout(queries)
 
         # 7. PPO epochs over minibatches (P8), gradient accumulation over micro-batches
@@ -228,20 +255,42 @@ class PPOModule(StageModule):
             order = torch.randperm(batch_size, device=queries.device)
             for mini_start in range(0, batch_size, mini_batch_size):
                 mini = order[mini_start : mini_start + mini_batch_size]
+                advantages = data["advantages"].clone()  # PPO-max: re-normalised over the minibatch (off by default)
+                if hp.advantage_norm or hp.advantage_clip is not None:
+                    advantages[mini] = minibatch_advantages(
+                        data["advantages"][mini], ~data["padding_mask"][mini], hp.advantage_norm, hp.advantage_clip, self._all_reduce
+                    )
                 micro_batches = mini.split(micro_batch_size)
-                for micro in micro_batches:
-                    loss, step_stats = self.ppo_loss(data, micro, context_length)
-                    self.manual_backward(loss / len(micro_batches))
+                for index, micro in enumerate(micro_batches):
+                    loss, step_stats = self.ppo_loss({**data, "advantages": advantages}, micro, context_length, value_only)
+                    loss = loss / len(micro_batches)
+                    if ptx_batch is not None and hp.ptx_coef and index == len(micro_batches) - 1:
+                        # PPO-ptx, in the same backward (DDP expects one gradient reduction per backward)
+                        ptx_loss = self.ptx_loss(ptx_batch)
+                        loss = loss + (0.0 if value_only else hp.ptx_coef) * ptx_loss
+                        step_stats["loss/ptx"] = ptx_loss.detach()
+                    self.manual_backward(loss)
                     for key, value in step_stats.items():
                         stats.setdefault(key, []).append(value)
+                if hp.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
                 optimizer.zero_grad()
         self.log_update(data, stats, batch_size, batch_idx)
         if hp.anneal_lr:
             scheduler.step()
 
-    def ppo_loss(self, data: dict[str, torch.Tensor], rows: torch.Tensor, context_length: int) -> tuple[torch.Tensor, dict]:
-        """``policy loss + vf_coef * value loss`` on the rollout rows ``rows`` (recipe P8), and detached stats."""
+    def ptx_loss(self, ptx_batch: dict[str, Any]) -> torch.Tensor:
+        """PPO-ptx: the SFT cross-entropy of the policy on (query + reference) rows ``input_ids`` ``(b, L)``."""
+        ids = ptx_batch["input_ids"]
+        logits = self.policy(**model_inputs(ids, self.tokenizer.pad_token_id)).logits
+        return sequence_cross_entropy(logits, ids, ids != self.tokenizer.pad_token_id)
+
+    def ppo_loss(
+        self, data: dict[str, torch.Tensor], rows: torch.Tensor, context_length: int, value_only: bool = False
+    ) -> tuple[torch.Tensor, dict]:
+        """``policy loss + vf_coef * value loss - entropy_coef * entropy`` on the rollout rows ``rows`` (recipe P8),
+        and detached stats; ``value_only`` (critic pre-training) keeps the value term alone."""
         hp = self.hparams
         padding_mask = data["padding_mask"][rows]  # (b, T)
         mask = ~padding_mask
@@ -256,8 +305,14 @@ class PPOModule(StageModule):
         new_values = self.values(query_responses, context_length, hidden=value_hidden).masked_fill(padding_mask, 0.0)
         pg_loss, pg_stats = ppo_policy_loss(new_logprobs, data["logprobs"][rows], data["advantages"][rows], mask, hp.cliprange)
         vf_loss, vf_stats = ppo_value_loss(new_values, data["values"][rows], data["returns"][rows], mask, hp.cliprange_value)
-        stats = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/entropy": masked_mean(entropy.detach(), mask)}
-        return pg_loss + hp.vf_coef * vf_loss, {**stats, **pg_stats, **vf_stats}
+        entropy = entropy if hp.entropy_coef else entropy.detach()  # no backward through it unless it is used
+        mean_entropy = masked_mean(entropy, mask)
+        stats = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/entropy": mean_entropy.detach()}
+        # critic pre-training: the policy term weighs 0 (every parameter still gets a gradient, as DDP expects)
+        loss = (0.0 if value_only else 1.0) * pg_loss + hp.vf_coef * vf_loss
+        if hp.entropy_coef and not value_only:
+            loss = loss - hp.entropy_coef * mean_entropy
+        return loss, {**stats, **pg_stats, **vf_stats}
 
     def log_update(self, data: dict[str, torch.Tensor], stats: dict[str, list[torch.Tensor]], batch_size: int, batch_idx: int) -> None:
         """Log the N+ metrics (recipe P10), averaged over ranks."""
@@ -279,66 +334,23 @@ class PPOModule(StageModule):
             "val/ratio_var": mean("ratio_var"),
             "val/num_eos_tokens": (data["responses"] == self.tokenizer.eos_token_id).sum().float(),
             "objective/response_length": mask.sum(1).float().mean(),
+            # PPO-max monitoring: perplexity of the responses under the sampling distribution (temperature-scaled, P4)
+            "objective/perplexity": torch.exp(masked_mean(-data["logprobs"], mask)),
             "lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
         }
+        if "loss/ptx" in stats:
+            metrics["loss/ptx"] = mean("loss/ptx")
+        if self.hparams.reward_norm or self.hparams.reward_scaling:
+            metrics["objective/scores_running_mean"] = torch.tensor(self.score_moments.mean)
+            metrics["objective/scores_running_std"] = torch.tensor(self.score_moments.std)
         self.log_dict(metrics, sync_dist=True, batch_size=batch_size)
         episodes = (batch_idx + 1) * batch_size * self.trainer.world_size
         self.log("eps", episodes / max(1e-6, time.time() - self._start_time), prog_bar=True, rank_zero_only=True)
         self.log("objective/scores_mean", metrics["objective/scores"], prog_bar=True, sync_dist=True, batch_size=batch_size)
 
-    # -------------------------------------------------------------- validation
-    def on_validation_epoch_start(self) -> None:
-        self.validation_samples = []
-
-    @torch.no_grad()
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Mean RM score, KL to the reference (sum over tokens) and length of sampled responses.
-
-        Sampling uses the rollout settings with a fixed seed per batch and rank, so a policy evaluated twice
-        sees the same random numbers.
-        """
-        hp, tok = self.hparams, self.tokenizer
-        queries = batch["query_ids"]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hp.seed + batch_idx + self.global_rank * RANK_SEED_STRIDE)
-            responses = generate(self.policy, queries, tok.pad_token_id, tok.eos_token_id, hp.response_length, hp.temperature)
-        postprocessed = truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id)
-        query_responses = torch.cat([queries, postprocessed], dim=1)
-        scores = sequence_scores(self.reward_model, query_responses, tok.pad_token_id)  # reward trunk not shared here
-        contains_eos = (postprocessed == tok.eos_token_id).any(dim=1)
-        if hp.non_eos_penalty:
-            scores = torch.where(contains_eos, scores, torch.full_like(scores, hp.penalty_reward_value))
-        mask = postprocessed != tok.pad_token_id
-        hidden = self.policy_trunk(query_responses, tok.pad_token_id)  # shared by policy and reference, or None
-        context_length, pad = queries.size(1), tok.pad_token_id
-        logprobs, ref_logprobs = (
-            response_logprobs(self.policy_trunk.top(model), query_responses, context_length, pad, hp.temperature, hidden=hidden)
-            for model in (self.policy, self.ref_policy)
-        )
-        self.val_scores.update(scores)
-        self.val_kl.update(((logprobs - ref_logprobs) * mask).sum(1))
-        self.val_length.update(mask.sum(1).float())
-        self.val_eos.update(contains_eos.float())
-        texts = decode_responses(tok, responses)
-        for row in range(len(texts)):
-            if len(self.validation_samples) < hp.num_samples:
-                self.validation_samples.append({
-                    "query": decode_query(tok, queries[row]), "response": texts[row],
-                    "reference": batch["reference"][row], "score": float(scores[row]),
-                })
-
-    def on_validation_epoch_end(self) -> None:
-        metrics = {
-            "eval/scores": self.val_scores, "eval/kl": self.val_kl,
-            "eval/response_length": self.val_length, "eval/eos_fraction": self.val_eos,
-        }
-        self.log_dict({key: metric.compute() for key, metric in metrics.items()})
-        for metric in metrics.values():
-            metric.reset()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave the frozen reference policy and reward model out of Lightning checkpoints (they are on disk)."""
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(("ref_policy.", "reward_model."))}
+    # -------------------------------------------------------------- validation (PolicyValidation)
+    def eval_reference(self) -> torch.nn.Module:
+        return self.ref_policy
 
     def exported_model(self) -> torch.nn.Module:
         return self.policy

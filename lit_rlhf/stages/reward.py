@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from lit_rlhf.algorithms import pairwise_reward_loss
-from lit_rlhf.evaluation.metrics import GroupedAccuracy
+from lit_rlhf.evaluation.metrics import GroupedAccuracy, preference_accuracy
 from lit_rlhf.models.forward import sequence_scores
 from lit_rlhf.models.loading import load_tokenizer
 from lit_rlhf.models.scalar import ScalarModel
@@ -106,20 +106,13 @@ class RewardModule(StageModule):
         return gap.item()
 
     def on_validation_epoch_end(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        names = getattr(datamodule, "batch_names", [])
-        by_batch = self.by_batch.compute()
-        metrics = {"val/accuracy": by_batch.pop("all")}
-        for group, value in by_batch.items():
-            metrics[f"val/accuracy_batch/{names[group] if group < len(names) else group}"] = value
-        by_confidence = self.by_confidence.compute()
-        by_confidence.pop("all")
-        metrics.update({f"val/accuracy_confidence/{group}": value for group, value in by_confidence.items()})
+        names = getattr(getattr(self.trainer, "datamodule", None), "batch_names", [])
+        metrics = preference_accuracy(self.by_batch, self.by_confidence, names)
         metrics["val/chosen_score"] = self.chosen_mean.compute()
         metrics["val/rejected_score"] = self.rejected_mean.compute()
         self.log_dict(metrics)
-        for metric in (self.by_batch, self.by_confidence, self.chosen_mean, self.rejected_mean):
-            metric.reset()
+        self.chosen_mean.reset()
+        self.rejected_mean.reset()
 
     def on_train_end(self) -> None:
         if self.hparams.normalize:

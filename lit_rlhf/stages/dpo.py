@@ -1,0 +1,132 @@
+"""Offline DPO on the human comparisons (recipe §1 "DPO baseline"; Rafailov et al. 2023)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from lit_rlhf.algorithms import dpo_loss
+from lit_rlhf.evaluation.metrics import GroupedAccuracy, preference_accuracy
+from lit_rlhf.models.forward import response_logprob_sums
+from lit_rlhf.models.loading import load_tokenizer
+from lit_rlhf.models.trunk import FrozenTrunk
+from lit_rlhf.stages.common import StageModule, load_policy_and_reference
+
+
+def stack_pair(query_ids: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """``(2B, Q + T)`` sequences: each left-padded query followed by its chosen, then by its rejected response.
+
+    Args:
+        query_ids: ``(B, Q)`` left-padded queries.
+        chosen, rejected: ``(B, T1)`` / ``(B, T2)`` right-padded responses; both are padded to ``T = max(T1, T2)``.
+    """
+    width = max(chosen.size(1), rejected.size(1))
+    responses = torch.cat([F.pad(chosen, (0, width - chosen.size(1)), value=pad_token_id),
+                           F.pad(rejected, (0, width - rejected.size(1)), value=pad_token_id)])
+    return torch.cat([query_ids.repeat(2, 1), responses], dim=1)
+
+
+class DPOModule(StageModule):
+    """Direct preference optimisation of the SFT policy against a frozen copy of it (recipe §1 DPO baseline).
+
+    Each step computes the summed response logprobs of chosen and rejected summaries under the policy (with
+    gradient) and under the reference policy (no gradient, once per batch, not cached across epochs), then the
+    loss of :func:`~lit_rlhf.algorithms.dpo_loss`. With ``trainable_layers`` the frozen lower blocks the two
+    models share run once per batch (:class:`~lit_rlhf.models.trunk.FrozenTrunk`; exact).
+
+    Validation reports the implicit reward ``beta * (logp_policy - logp_ref)`` accuracy overall / per comparison
+    ``batch`` / per labeller confidence, exactly as the reward model is evaluated (recipe R6), the mean chosen
+    and rejected implicit rewards and their margin.
+
+    Args:
+        model: the SFT checkpoint; initialises the policy and the frozen reference policy.
+        beta: DPO beta (N+ baseline 0.05).
+        label_smoothing: conservative-DPO label noise ``eps`` (0 = DPO).
+        loss_type: ``"sigmoid"`` (DPO) or ``"ipo"``.
+        lr: AdamW learning rate (N+ baseline 3e-6), cosine to 0.
+        eps: AdamW epsilon (1e-5).
+        weight_decay: AdamW weight decay.
+        trainable_layers: train only the top N blocks of the policy (``None`` = all).
+    """
+
+    frozen_submodules = ("ref_policy",)
+
+    def __init__(
+        self,
+        model: str = "runs/sft/model",
+        beta: float = 0.05,
+        label_smoothing: float = 0.0,
+        loss_type: str = "sigmoid",
+        lr: float = 3e-6,
+        eps: float = 1e-5,
+        weight_decay: float = 0.0,
+        trainable_layers: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        dpo_loss(*torch.zeros(4, 1), beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)  # validate early
+        self.strict_loading = False  # checkpoints leave out the reference policy
+        self.by_batch, self.by_confidence = GroupedAccuracy(), GroupedAccuracy()
+        self.chosen_reward, self.rejected_reward, self.val_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.policy: Any = None
+        self.tokenizer: Any = None
+        self.trunk = FrozenTrunk()
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        self.tokenizer = load_tokenizer(self.hparams.model)
+        self.policy, self.ref_policy = load_policy_and_reference(self.hparams.model, self.hparams.trainable_layers)
+
+    def share_frozen_trunks(self) -> None:
+        self.trunk = FrozenTrunk.shared_by(self.policy, self.ref_policy)
+
+    def pair_logprobs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Summed response logprobs ``(B,)``: ``policy_chosen``, ``policy_rejected``, ``ref_chosen``, ``ref_rejected``."""
+        pad, query_ids = self.tokenizer.pad_token_id, batch["query_ids"]
+        ids = stack_pair(query_ids, batch["chosen_response_ids"], batch["rejected_response_ids"], pad)  # (2B, Q+T)
+        hidden = self.trunk(ids, pad)  # (2B, Q+T, H), or None
+        policy = response_logprob_sums(self.trunk.top(self.policy), ids, query_ids.size(1), pad, hidden)  # (2B,)
+        with torch.no_grad():
+            ref = response_logprob_sums(self.trunk.top(self.ref_policy), ids, query_ids.size(1), pad, hidden)
+        size = query_ids.size(0)
+        return {"policy_chosen": policy[:size], "policy_rejected": policy[size:], "ref_chosen": ref[:size], "ref_rejected": ref[size:]}
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, chosen_rewards, rejected_rewards)`` of :func:`~lit_rlhf.algorithms.dpo_loss` on a batch."""
+        hp, lp = self.hparams, self.pair_logprobs(batch)
+        return dpo_loss(
+            lp["policy_chosen"], lp["policy_rejected"], lp["ref_chosen"], lp["ref_rejected"], hp.beta, hp.label_smoothing, hp.loss_type
+        )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, chosen, rejected = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/reward_accuracy", (chosen > rejected).float().mean(), prog_bar=True)
+        self.log("train/reward_margin", (chosen - rejected).mean())
+        return loss
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, chosen, rejected = self.loss(batch)
+        self.val_loss.update(loss, weight=chosen.numel())
+        self.by_batch.update(chosen > rejected, batch["batch"])
+        self.by_confidence.update(chosen > rejected, batch["confidence"])
+        self.chosen_reward.update(chosen)
+        self.rejected_reward.update(rejected)
+
+    def on_validation_epoch_end(self) -> None:
+        names = getattr(getattr(self.trainer, "datamodule", None), "batch_names", [])
+        metrics = preference_accuracy(self.by_batch, self.by_confidence, names)
+        chosen, rejected = self.chosen_reward.compute(), self.rejected_reward.compute()
+        metrics.update({"val/loss": self.val_loss.compute(), "val/chosen_reward": chosen, "val/rejected_reward": rejected,
+                        "val/reward_margin": chosen - rejected})
+        self.log_dict(metrics)
+        for metric in (self.chosen_reward, self.rejected_reward, self.val_loss):
+            metric.reset()
+
+    def exported_model(self) -> torch.nn.Module:
+        return self.policy

@@ -1,0 +1,122 @@
+"""Sampling + scoring of policy responses, and the validation every RL stage shares (PPO, online DPO).
+
+Validation reports, on the validation prompts: the mean reward-model score of sampled responses (EOS handling
+of recipe P3), the KL to the reference / SFT policy (sum over response tokens of the temperature-scaled logprob
+difference, P4), the mean response length and the fraction of responses with an EOS; plus a sample table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from lit_rlhf.algorithms import penalize_missing_eos, truncate_after_eos
+from lit_rlhf.models.forward import generate, response_logprobs, sequence_scores
+from lit_rlhf.models.trunk import FrozenTrunk
+from lit_rlhf.stages.common import decode_query, decode_responses
+
+#: Recipe P11: per-rank seed offset.
+RANK_SEED_STRIDE = 100003
+
+
+@torch.no_grad()
+def sample_and_score(
+    policy: nn.Module,
+    reward_model: nn.Module,
+    queries: torch.Tensor,
+    tokenizer: Any,
+    response_length: int,
+    temperature: float,
+    truncate: bool = True,
+    non_eos_penalty: bool = True,
+    penalty_reward_value: float = -1.0,
+) -> dict[str, torch.Tensor]:
+    """Sample one response per query and score it with the reward model (recipe P2, P3, R3).
+
+    Args:
+        queries: ``(B, Q)`` left-padded query ids.
+        truncate: replace tokens after the first EOS by PAD before scoring (P3).
+        non_eos_penalty: a response without EOS scores ``penalty_reward_value`` (P3).
+
+    Returns:
+        ``responses`` ``(B, T)`` (raw samples), ``postprocessed`` ``(B, T)``, ``query_responses`` ``(B, Q+T)``,
+        ``scores`` ``(B,)``, ``contains_eos`` ``(B,)`` bool and ``lengths`` ``(B,)`` (real response tokens).
+    """
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    responses = generate(policy, queries, pad, eos, response_length, temperature)
+    postprocessed = truncate_after_eos(responses, eos, pad) if truncate else responses
+    query_responses = torch.cat([queries, postprocessed], dim=1)
+    scores = sequence_scores(reward_model, query_responses, pad)
+    if non_eos_penalty:
+        scores = penalize_missing_eos(scores, postprocessed, eos, penalty_reward_value)
+    return {
+        "responses": responses, "postprocessed": postprocessed, "query_responses": query_responses, "scores": scores,
+        "contains_eos": (postprocessed == eos).any(dim=1), "lengths": (postprocessed != pad).sum(1),
+    }
+
+
+class PolicyValidation:
+    """Mixin for a LightningModule with ``policy``, ``reward_model``, ``tokenizer`` and :meth:`eval_reference`.
+
+    Hyperparameters read: ``response_length``, ``seed``, ``num_samples``, ``truncate_after_eos``,
+    ``non_eos_penalty``, ``penalty_reward_value`` and :attr:`eval_temperature_key` (the sampling temperature).
+    Sampling uses a fixed seed per validation batch and rank, so two policies (or one evaluated twice) see the
+    same random numbers. ``policy_trunk`` (a :class:`~lit_rlhf.models.trunk.FrozenTrunk` over policy and
+    reference) is used when set.
+    """
+
+    eval_temperature_key = "temperature"
+    policy_trunk: FrozenTrunk = FrozenTrunk()
+
+    def init_policy_validation(self) -> None:
+        self.val_scores, self.val_kl, self.val_length, self.val_eos = MeanMetric(), MeanMetric(), MeanMetric(), MeanMetric()
+        self.validation_samples: list[dict[str, Any]] = []
+
+    def eval_reference(self) -> nn.Module:
+        """The policy KL is measured against (the SFT / reference policy)."""
+        raise NotImplementedError
+
+    def on_validation_epoch_start(self) -> None:
+        self.validation_samples = []
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Mean RM score, KL to :meth:`eval_reference` (sum over tokens), length and EOS rate of sampled responses."""
+        hp, tok = self.hparams, self.tokenizer
+        temperature, queries = hp[self.eval_temperature_key], batch["query_ids"]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hp.seed + batch_idx + self.global_rank * RANK_SEED_STRIDE)
+            sample = sample_and_score(
+                self.policy, self.reward_model, queries, tok, hp.response_length, temperature,
+                hp.truncate_after_eos, hp.non_eos_penalty, hp.penalty_reward_value,
+            )
+        query_responses, pad = sample["query_responses"], tok.pad_token_id
+        hidden = self.policy_trunk(query_responses, pad)  # shared by policy and reference, or None
+        logprobs, ref_logprobs = (
+            response_logprobs(self.policy_trunk.top(model), query_responses, queries.size(1), pad, temperature, hidden=hidden)
+            for model in (self.policy, self.eval_reference())
+        )
+        mask = sample["postprocessed"] != pad
+        self.val_scores.update(sample["scores"])
+        self.val_kl.update(((logprobs - ref_logprobs) * mask).sum(1))
+        self.val_length.update(sample["lengths"].float())
+        self.val_eos.update(sample["contains_eos"].float())
+        texts = decode_responses(tok, sample["responses"])
+        for row in range(len(texts)):
+            if len(self.validation_samples) < hp.num_samples:
+                self.validation_samples.append({
+                    "query": decode_query(tok, queries[row]), "response": texts[row],
+                    "reference": batch["reference"][row], "score": float(sample["scores"][row]),
+                })
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = {
+            "eval/scores": self.val_scores, "eval/kl": self.val_kl,
+            "eval/response_length": self.val_length, "eval/eos_fraction": self.val_eos,
+        }
+        self.log_dict({key: metric.compute() for key, metric in metrics.items()})
+        for metric in metrics.values():
+            metric.reset()
