@@ -73,8 +73,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="auto", help="Lightning precision, or 'auto' (CPU: see cpu_precision)")
     parser.add_argument("--keep", action="store_true", help="do not empty the run directory first")
     parser.add_argument("--dpo", action="store_true", help="run offline and online DPO on a finished main job's outputs")
+    parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (e.g. 'online-dpo fit'), keeping the rest")
     args = parser.parse_args(argv)
     steps = DPO_STEPS if args.dpo else STEPS
+    if args.only:
+        unknown = set(args.only) - {name for name, *_ in steps}
+        if unknown:
+            raise SystemExit(f"unknown step(s) {sorted(unknown)}; steps: {[name for name, *_ in steps]}")
+        steps, args.keep = [step for step in steps if step[0] in args.only], True
     configs = {stem: args.config_dir / f"{stem}.yaml" for _, _, _, stem in STEPS + steps}
     for path in configs.values():
         if not path.is_file():
@@ -90,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     precision = cpu_precision() if args.precision == "auto" else args.precision
     timings_path = run_dir / "timings.json"
-    timings: dict[str, float] = json.loads(timings_path.read_text())["stages"] if args.dpo and timings_path.is_file() else {}
+    keep_timings = (args.dpo or args.only) and timings_path.is_file()
+    timings: dict[str, float] = json.loads(timings_path.read_text())["stages"] if keep_timings else {}
     for name, stage, command, stem in steps:
         cli = [stage, command, "--config", str(configs[stem]), "--trainer.precision", precision, *_extra_args(name, configs, run_dir)]
         print(f"\n>>> lit-rlhf {' '.join(cli)}", flush=True)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from stage_helpers import assert_finite, last_record, load_checkpoint, stage_config
+from conftest import SFT_DATA
+from stage_helpers import QUERY_LENGTH, SFT_MAX_LENGTH, SFT_RESPONSE_LENGTH, assert_finite, last_record, load_checkpoint, stage_config
 from transformers import AutoModelForCausalLM
 
 from lit_rlhf.cli import main
@@ -95,3 +96,37 @@ def test_online_dpo_resumes_from_a_mid_run_checkpoint(online_run, tiny_model_dir
 def test_online_dpo_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         OnlineDPOModule(**kwargs)
+
+
+def test_online_dpo_previous_reference_follows_the_policy(tiny_model_dir, tiny_reward_dir, tmp_path):
+    """``reference="previous"``: each iteration's reference is the policy the previous iteration left; KL stays to SFT."""
+    import lightning as L
+
+    from lit_rlhf.data.datamodules import PromptDataModule
+
+    module = OnlineDPOModule(
+        policy=str(tiny_model_dir), reward_model=str(tiny_reward_dir), reference="previous", samples_per_prompt=3,
+        response_length=6, dpo_batch_size=2, lr=1e-3, trainable_layers=1, non_eos_penalty=False,
+    )
+    data = PromptDataModule(path=str(SFT_DATA), tokenizer=str(tiny_model_dir), query_length=QUERY_LENGTH,
+                            response_length=SFT_RESPONSE_LENGTH, max_length=SFT_MAX_LENGTH, batch_size=3, total_episodes=3,
+                            train_samples=8, val_samples=2, eval_batch_size=2)
+    seen = []
+
+    class Snapshot(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append({"policy": {k: v.clone() for k, v in pl_module.policy.state_dict().items()}})
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen[-1]["ref"] = {k: v.clone() for k, v in pl_module.ref_policy.state_dict().items()}
+
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, callbacks=[Snapshot()])
+    trainer.fit(module, datamodule=data)
+    key = "model.layers.1.mlp.up_proj.weight"
+    assert module.sft_policy is not None and module.sft_policy is not module.ref_policy
+    for iteration in seen:  # the reference used in an iteration is the policy at the iteration's start
+        assert torch.equal(iteration["ref"][key], iteration["policy"][key])
+    assert not torch.equal(seen[1]["ref"][key], seen[0]["ref"][key])  # and it moved between iterations
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()[key]
+    assert torch.equal(module.sft_policy.state_dict()[key], initial)

@@ -83,14 +83,17 @@ def summary(run_dir: Path, num_samples: int = 3) -> str:
             f"{_fmt(_metric(record, 'eval/response_length'), 1):>10}{_fmt(_metric(record, 'eval/eos_fraction'), 2):>10}"
         )
 
-    if sft_policy and ppo_policy:
+    sampled = [(name, record) for name, record in policies if record and record.get("samples")]
+    if sampled:
         lines.append(f"\nSamples (first {num_samples} validation prompts)")
-        for sft_row, ppo_row in list(zip(sft_policy["samples"], ppo_policy["samples"]))[:num_samples]:
-            wrap = lambda text: textwrap.fill(text, 96, initial_indent="    ", subsequent_indent="    ")  # noqa: E731
-            lines.append("  - query:     " + sft_row["query"][-160:].replace("\n", " "))
-            lines.append("    reference:\n" + wrap(sft_row["reference"]))
-            lines.append(f"    SFT policy (score {sft_row['score']:.2f}):\n" + wrap(sft_row["response"]))
-            lines.append(f"    PPO policy (score {ppo_row['score']:.2f}):\n" + wrap(ppo_row["response"]))
+        wrap = lambda text: textwrap.fill(text, 96, initial_indent="    ", subsequent_indent="    ")  # noqa: E731
+        for index, first in enumerate(sampled[0][1]["samples"][:num_samples]):
+            lines.append("  - query:     " + first["query"][-160:].replace("\n", " "))
+            lines.append("    reference:\n" + wrap(first["reference"]))
+            for name, record in sampled:
+                if index < len(record["samples"]):
+                    row = record["samples"][index]
+                    lines.append(f"    {name} policy (score {row['score']:.2f}):\n" + wrap(row["response"]))
 
     if meta.get("stages"):
         lines.append("\nWall time per step (s)")
