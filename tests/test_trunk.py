@@ -72,3 +72,4 @@ def test_trunk_disabled_unless_frozen_and_identical(tiny_model_dir, query_respon
     assert not FrozenTrunk.shared_by(policy, reference)
     # all blocks frozen in every model: nothing left above the trunk to split off
     assert not FrozenTrunk.shared_by(reference, load_causal_lm(str(tiny_model_dir)).requires_grad_(False))
+

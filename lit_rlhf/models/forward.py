@@ -114,8 +114,12 @@ def generate(
 ) -> torch.Tensor:
     """Sample exactly ``max_new_tokens`` tokens after each left-padded query (recipe P2).
 
-    EOS may be sampled at any step but never stops generation and is never suppressed; tokens after the
-    first EOS are replaced later by :func:`~lit_rlhf.algorithms.truncate_after_eos` (P3).
+    EOS may be sampled at any step and is never suppressed; tokens after the first EOS are replaced later by
+    :func:`~lit_rlhf.algorithms.truncate_after_eos` (P3). When every row has sampled EOS before ``T`` tokens,
+    transformers stops early; the rows are then right-padded with ``pad_token_id`` to ``T`` (the same after P3).
+
+    Raises:
+        RuntimeError: if fewer than ``T`` tokens come back while some row has no EOS.
 
     Args:
         model: a causal LM with ``generate``.
@@ -137,6 +141,10 @@ def generate(
     # position_ids are rebuilt from the attention mask inside generate; pass ids with pads replaced.
     output = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], generation_config=config)
     responses = output[:, queries.size(1) :]
-    if responses.size(1) != max_new_tokens:
-        raise RuntimeError(f"generate returned {responses.size(1)} tokens instead of {max_new_tokens}: did EOS stop it?")
+    if responses.size(1) < max_new_tokens:
+        # transformers fills unset settings from the model's generation config, EOS included, and stops once every
+        # row has sampled it; what would follow the first EOS is replaced by PAD anyway (P3): pad to T
+        if not (responses == eos_token_id).any(dim=1).all():
+            raise RuntimeError(f"generate returned {responses.size(1)} tokens instead of {max_new_tokens} with a row lacking EOS")
+        responses = torch.nn.functional.pad(responses, (0, max_new_tokens - responses.size(1)), value=pad_token_id)
     return responses
