@@ -16,6 +16,8 @@ from torch import nn
 
 from lit_rlhf.algorithms import (
     INVALID_LOGPROB,
+    KLController,
+    adaptive_kl_coef,
     entropy_from_logits,
     first_true_indices,
     gae_advantages,
@@ -29,6 +31,8 @@ from lit_rlhf.algorithms import (
     pairwise_reward_loss,
     ppo_policy_loss,
     ppo_value_loss,
+    response_padding_masks,
+    score_indices,
     sequence_cross_entropy,
     truncate_after_eos,
 )
@@ -171,34 +175,41 @@ def test_masked_var_needs_two_positions_when_unbiased():
     close(masked_var(VALUES, one, unbiased=False), 0.0)
 
 
-# (x - 2.5) / sqrt(5/3), sqrt(5/3) = 1.290994: -1.5 -> -1.161895, -0.5 -> -0.387298
-WHITE = [-1.161895, -0.387298, 0.387298, 1.161895]
+# 1, 2, 3, 4: mean 2.5, squared deviations sum to 5.
+# N+ (biased) variance 5 / 4 = 1.25, std 1.118034: (x - 2.5) / 1.118034 -> -1.341641, -0.447214, ...
+WHITE = [-1.341641, -0.447214, 0.447214, 1.341641]
+# unbiased variance 5 / 3, std sqrt(5/3) = 1.290994: -1.5 -> -1.161895, -0.5 -> -0.387298
+WHITE_UNBIASED = [-1.161895, -0.387298, 0.387298, 1.161895]
+FOUR = T([[1.0, 2.0, 3.0, 4.0, 999.0]])
+FOUR_MASK = T([[True, True, True, True, False]])
 
 
-def test_masked_whiten_shift_mean():
-    values = T([[1.0, 2.0, 3.0, 4.0, 999.0]])
-    mask = T([[True, True, True, True, False]])
-    out = masked_whiten(values, mask, shift_mean=True)
-    close(out[:, :4], [WHITE])  # 999 at the padded position is not part of the statistics
+def test_masked_whiten_is_biased_by_default_as_n_plus():
+    close(masked_whiten(FOUR, FOUR_MASK)[:, :4], [WHITE])  # 999 at the padded position is not part of the statistics
+    close(masked_whiten(FOUR, FOUR_MASK, unbiased=False)[:, :4], [WHITE])
+
+
+def test_masked_whiten_unbiased_variant():
+    close(masked_whiten(FOUR, FOUR_MASK, unbiased=True)[:, :4], [WHITE_UNBIASED])
 
 
 def test_masked_whiten_keeps_the_mean_when_not_shifting():
-    values = T([[1.0, 2.0, 3.0, 4.0, 999.0]])
-    mask = T([[True, True, True, True, False]])
-    out = masked_whiten(values, mask, shift_mean=False)
+    out = masked_whiten(FOUR, FOUR_MASK, shift_mean=False)
     # WHITE + 2.5: only the scale changes
-    close(out[:, :4], [[1.338105, 2.112702, 2.887298, 3.661895]])
+    close(out[:, :4], [[1.158359, 2.052786, 2.947214, 3.841641]])
 
 
 def test_masked_whiten_with_a_doubling_all_reduce_is_two_identical_ranks():
-    # Two ranks holding 1, 2, 3, 4 each: mean 2.5; squares sum to 10 over 8 positions,
-    # unbiased var = 10 / 7 = 1.428571; std = 1.195229; (1 - 2.5) / 1.195229 = -1.254990
+    # Two ranks holding 1, 2, 3, 4 each: mean 2.5; squares sum to 10 over 8 positions.
+    # biased var = 10 / 8 = 1.25 (as one rank: WHITE); unbiased var = 10 / 7 = 1.428571, std 1.195229,
+    # (1 - 2.5) / 1.195229 = -1.254990
     values = T([[1.0, 2.0, 3.0, 4.0]])
     mask = torch.ones_like(values, dtype=torch.bool)
     double = lambda t: t * 2  # noqa: E731 - sum over two identical ranks
     close(masked_mean(values, mask, all_reduce=double), 2.5)
     close(masked_var(values, mask, all_reduce=double), 10.0 / 7.0)
-    close(masked_whiten(values, mask, all_reduce=double), [[-1.254990, -0.418330, 0.418330, 1.254990]])
+    close(masked_whiten(values, mask, all_reduce=double), [WHITE])
+    close(masked_whiten(values, mask, all_reduce=double, unbiased=True), [[-1.254990, -0.418330, 0.418330, 1.254990]])
 
 
 class FakeProcessGroup:
@@ -235,8 +246,9 @@ def test_masked_whiten_over_two_ranks_equals_whitening_the_concatenation():
     close(out[0][:, :2], [WHITE[:2]])
     close(out[1][:, :2], [WHITE[2:]])
     assert group.calls[0] == group.calls[1] > 0
-    # without the hook each rank would whiten its own pair: (1 - 1.5) / sqrt(0.5) = -0.707107
-    close(masked_whiten(*shards[0])[:, :2], [[-0.707107, 0.707107]])
+    # without the hook (N+: each process's own batch) rank 0 whitens its own pair: mean 1.5, biased var 0.25,
+    # (1 - 1.5) / 0.5 = -1
+    close(masked_whiten(*shards[0])[:, :2], [[-1.0, 1.0]])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -264,6 +276,124 @@ def test_kl_penalty_rewards_default_coef():
     # N+ kl_coef 0.05: kl = [0.2, -0.4] -> [-0.01, 0.02], score 0.5 at index 0 -> [0.49, 0.02]
     rewards, _, _ = kl_penalty_rewards(T([[-1.0, -1.0]]), T([[-1.2, -0.6]]), T([0.5]), T([0]), kl_coef=0.05)
     close(rewards, [[0.49, 0.02]])
+
+
+# --------------------------------------------------------------------------------------------------------
+# response_padding_masks / score_indices (P5): where the score lands, which values train
+# --------------------------------------------------------------------------------------------------------
+
+# T = 4; rows: EOS at 0, EOS in the middle (1), EOS at T - 1, no EOS. L = first PAD index - 1 (the EOS, or T - 1).
+LAST = T([0, 1, 3, 3])
+F_, T_ = False, True
+
+
+def test_response_padding_masks_n_plus():
+    padding, value_padding = response_padding_masks(LAST, 4)
+    # policy: t > L
+    assert padding.tolist() == [[F_, T_, T_, T_], [F_, F_, T_, T_], [F_, F_, F_, F_], [F_, F_, F_, F_]]
+    # values: t > L + 1 (N+ padding_mask_p1): the value at L + 1 trains; nothing to add when L = T - 1
+    assert value_padding.tolist() == [[F_, F_, T_, T_], [F_, F_, F_, T_], [F_, F_, F_, F_], [F_, F_, F_, F_]]
+
+
+def test_response_padding_masks_eos_variant():
+    padding, value_padding = response_padding_masks(LAST, 4, "eos")
+    assert torch.equal(padding, value_padding)
+    assert padding.tolist() == [[F_, T_, T_, T_], [F_, F_, T_, T_], [F_, F_, F_, F_], [F_, F_, F_, F_]]
+
+
+def test_score_indices_n_plus_and_eos():
+    # N+: L + 1 when L + 1 < T, else L
+    assert score_indices(LAST, 4).tolist() == [1, 2, 3, 3]
+    assert score_indices(LAST, 4, "eos").tolist() == [0, 1, 3, 3]
+    # one row, EOS in the middle of T = 5
+    assert score_indices(T([2]), 5).tolist() == [3]
+
+
+def test_score_position_is_validated():
+    with pytest.raises(ValueError, match="score_position"):
+        score_indices(LAST, 4, "last")
+    with pytest.raises(ValueError, match="score_position"):
+        response_padding_masks(LAST, 4, "last")
+
+
+def n_plus_layout(logprobs, ref_logprobs, values, scores, last_index, score_position):
+    """The rollout's steps 4-6 composed from the pure functions, as PPOModule.rollout does."""
+    length = logprobs.size(1)
+    padding, value_padding = response_padding_masks(last_index, length, score_position)
+    logprobs = logprobs.masked_fill(padding, INVALID_LOGPROB)
+    ref_logprobs = ref_logprobs.masked_fill(padding, INVALID_LOGPROB)
+    values = values.masked_fill(value_padding, 0.0)
+    rewards, _, _ = kl_penalty_rewards(logprobs, ref_logprobs, scores, score_indices(last_index, length, score_position), 0.1)
+    advantages, returns = gae_advantages(rewards, values)
+    return rewards, values, advantages, returns
+
+
+def test_n_plus_layout_one_row_eos_in_the_middle():
+    # T = 4, EOS at 1 (L = 1); logprob/ref at padded positions are overwritten by the sentinel
+    s = 0.0
+    logprobs, ref = T([[-1.0, -2.0, s, s]]), T([[-1.5, -1.0, s, s]])
+    values = T([[0.5, 0.4, 0.3, 9.9]])
+    # kl = [0.5, -1, 0, 0]; -0.1 * kl = [-0.05, 0.1, 0, 0]
+    # N+: score 2 at L + 1 = 2; values kept up to index 2 -> [0.5, 0.4, 0.3, 0]
+    rewards, vals, adv, ret = n_plus_layout(logprobs, ref, values, T([2.0]), T([1]), "after_eos")
+    close(rewards, [[-0.05, 0.1, 2.0, 0.0]])
+    close(vals, [[0.5, 0.4, 0.3, 0.0]])
+    # t=3: 0;  t=2: delta = 2 - 0.3 = 1.7, A = 1.7;  t=1: delta = 0.1 + 0.3 - 0.4 = 0, A = 0.95 * 1.7 = 1.615
+    # t=0: delta = -0.05 + 0.4 - 0.5 = -0.15, A = -0.15 + 0.95 * 1.615 = 1.38425; returns = A + V
+    close(adv, [[1.38425, 1.615, 1.7, 0.0]])
+    close(ret, [[1.88425, 2.015, 2.0, 0.0]])
+    # "eos": score on index 1 (0.1 + 2), values masked after 1 -> [0.5, 0.4, 0, 0]
+    # t=1: delta = 2.1 - 0.4 = 1.7, A = 1.7; t=0: delta = -0.15, A = -0.15 + 0.95 * 1.7 = 1.465
+    rewards, vals, adv, ret = n_plus_layout(logprobs, ref, values, T([2.0]), T([1]), "eos")
+    close(rewards, [[-0.05, 2.1, 0.0, 0.0]])
+    close(adv, [[1.465, 1.7, 0.0, 0.0]])
+    close(ret, [[1.965, 2.1, 0.0, 0.0]])
+
+
+def test_n_plus_layout_three_rows_eos_first_last_and_absent():
+    # T = 3. Row 0: EOS at 0 (L = 0); row 1: EOS at T - 1 (L = 2); row 2: no EOS (L = 2, score -1 by P3).
+    logprobs = T([[-1.0, 0.0, 0.0], [-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+    ref = T([[-2.0, 0.0, 0.0], [-1.0, -2.0, -1.0], [-1.0, -1.0, -3.0]])
+    values = T([[0.2, 0.1, 7.0], [0.1, 0.2, 0.3], [0.0, 0.0, 0.0]])
+    rewards, vals, adv, ret = n_plus_layout(logprobs, ref, values, T([1.0, 1.0, -1.0]), T([0, 2, 2]), "after_eos")
+    # row 0: kl = [1, 0, 0] -> [-0.1, 0, 0]; score at index 1; values kept at 0, 1 -> [0.2, 0.1, 0]
+    #   t=1: delta = 1 - 0.1 = 0.9, A = 0.9; t=0: delta = -0.1 + 0.1 - 0.2 = -0.2, A = -0.2 + 0.855 = 0.655
+    # row 1: kl = [0, 1, 0] -> [0, -0.1, 0]; L + 1 = T, so the score lands on L = 2: [0, -0.1, 1]
+    #   t=2: delta = 1 - 0.3 = 0.7; t=1: delta = -0.1 + 0.3 - 0.2 = 0, A = 0.665; t=0: delta = 0.2 - 0.1 = 0.1, A = 0.73175
+    # row 2: kl = [0, 0, 2] -> [0, 0, -0.2]; score -1 at L = 2: [0, 0, -1.2]; zero values
+    #   A = [-1.2 * 0.9025, -1.2 * 0.95, -1.2] = [-1.083, -1.14, -1.2]
+    close(rewards, [[-0.1, 1.0, 0.0], [0.0, -0.1, 1.0], [0.0, 0.0, -1.2]])
+    close(vals, [[0.2, 0.1, 0.0], [0.1, 0.2, 0.3], [0.0, 0.0, 0.0]])
+    close(adv, [[0.655, 0.9, 0.0], [0.73175, 0.665, 0.7], [-1.083, -1.14, -1.2]])
+    close(ret, [[0.855, 1.0, 0.0], [0.83175, 0.865, 1.0], [-1.083, -1.14, -1.2]])
+
+
+# --------------------------------------------------------------------------------------------------------
+# adaptive KL controller (Ziegler et al. 2019)
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_adaptive_kl_coef_hand_computed():
+    # error = clip(kl / 6 - 1, -0.2, 0.2); coef * (1 + error * 512 / 10000)
+    # kl 12: error 1 -> 0.2, mult 1 + 0.2 * 0.0512 = 1.01024 -> 0.050512
+    assert adaptive_kl_coef(0.05, 12.0, 6.0, 10000, 512) == pytest.approx(0.050512)
+    # kl 3: error -0.5 -> -0.2, mult 0.98976 -> 0.049488
+    assert adaptive_kl_coef(0.05, 3.0, 6.0, 10000, 512) == pytest.approx(0.049488)
+    # kl 6.6: error 0.1 (unclipped), mult 1.00512 -> 0.050256
+    assert adaptive_kl_coef(0.05, 6.6, 6.0, 10000, 512) == pytest.approx(0.050256)
+    assert adaptive_kl_coef(0.05, 6.0, 6.0, 10000, 512) == pytest.approx(0.05)
+
+
+def test_kl_controller_fixed_adaptive_and_state():
+    fixed = KLController(0.05)
+    assert fixed.update(100.0, 512) == 0.05  # N+: fixed coefficient (P5)
+    adaptive = KLController(0.05, target=6.0, horizon=10000)
+    assert adaptive.update(12.0, 512) == pytest.approx(0.050512)
+    restored = KLController(0.05, target=6.0, horizon=10000)
+    restored.load_state_dict(adaptive.state_dict())  # checkpointed as extra state
+    assert restored.value == pytest.approx(0.050512)
+    with pytest.raises(ValueError, match="target > 0"):
+        KLController(0.05, target=0.0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -422,9 +552,14 @@ def test_sequence_cross_entropy_ignores_pads():
     # row 1: pos 0 logits [ln 3, 0, 0] predict 0 -> p = 3/5 -> -ln 0.6 = 0.510826; pos 1+ predict pads
     logits[1, 0] = T([ln3, 0.0, 0.0])
     logits[1, 1] = T([-50.0, 50.0, -50.0])
-    # mean over the 3 real targets: (1.098612 + 1.609438 + 0.510826) / 3 = 3.218876 / 3 = 1.072959
+    # token mean over the 3 real targets: (1.098612 + 1.609438 + 0.510826) / 3 = 3.218876 / 3 = 1.072959
     close(sequence_cross_entropy(logits, input_ids, mask), 1.072959)
-    close(sequence_cross_entropy(logits, input_ids, mask.long()), 1.072959)
+    close(sequence_cross_entropy(logits, input_ids, mask.long(), "token"), 1.072959)
+    # N+ per-sequence mean: row 0 (2 targets) (1.098612 + 1.609438) / 2 = 1.354025; row 1 (1 target) 0.510826;
+    # mean of the rows (1.354025 + 0.510826) / 2 = 0.932426: the short row weighs as much as the long one
+    close(sequence_cross_entropy(logits, input_ids, mask, "sequence"), 0.932426)
+    with pytest.raises(ValueError, match="normalization"):
+        sequence_cross_entropy(logits, input_ids, mask, "batch")
 
 
 # --------------------------------------------------------------------------------------------------------

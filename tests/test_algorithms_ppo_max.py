@@ -49,9 +49,10 @@ def test_normalize_and_scale_scores_with_clipping():
 def test_minibatch_advantage_normalisation_and_clipping():
     advantages = torch.tensor([[1.0, 2.0, 3.0, 99.0]])
     mask = torch.tensor([[True, True, True, False]])
-    # real tokens 1, 2, 3: mean 2, unbiased variance 1; the padded 99 is ignored and zeroed
+    # real tokens 1, 2, 3: mean 2, biased variance 2/3 (as masked_whiten, N+), std 0.816497: (1 - 2) / 0.816497 = -1.224745;
+    # the padded 99 is ignored and zeroed
     whitened = minibatch_advantages(advantages, mask, normalize=True)
-    torch.testing.assert_close(whitened, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(whitened, torch.tensor([[-1.224745, 0.0, 1.224745, 0.0]]), atol=1e-6, rtol=0)
     clipped = minibatch_advantages(advantages, mask, normalize=True, clip=0.5)
     torch.testing.assert_close(clipped, torch.tensor([[-0.5, 0.0, 0.5, 0.0]]), atol=1e-6, rtol=0)
     torch.testing.assert_close(minibatch_advantages(advantages, mask, normalize=False, clip=2.5), torch.tensor([[1.0, 2.0, 2.5, 0.0]]))

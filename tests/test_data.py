@@ -11,6 +11,7 @@ from conftest import COMPARISON_DATA, SFT_DATA
 
 from lit_rlhf.data.datamodules import PreferenceDataModule, PromptDataModule, RepeatedShuffleSampler, SFTDataModule
 from lit_rlhf.data.formatting import (
+    CNNDM_QUERY_LENGTH,
     CNNDM_TEMPLATE,
     TLDR_TEMPLATE,
     build_preference_example,
@@ -112,13 +113,33 @@ def test_clever_truncation_cuts_at_the_last_newline(tokenizer):
     assert paragraphs[k] not in text
 
 
-def test_clever_truncation_hard_cut_without_newlines(tokenizer):
-    post = "word " * 1000
-    ids = format_query_ids(tokenizer, {"subreddit": "test", "title": "t", "post": post}, 100)
+def hard_cut_prefix(tokenizer, post: str, query_length: int) -> str:
+    """The post prefix that format_query_ids kept, checked to be N+'s: the longest character prefix that fits
+    (N+ drops one character at a time from the end and stops at the first fit)."""
+    ids = format_query_ids(tokenizer, {"subreddit": "test", "title": "t", "post": post}, query_length)
     text = tokenizer.decode(ids)
-    assert 95 <= len(ids) <= 100  # the body is cut by the overflow, not emptied
-    assert text.startswith("SUBREDDIT: r/test\n\nTITLE: t\n\nPOST: word word")
-    assert text.endswith("word\n\nTL;DR:") or text.endswith("word \n\nTL;DR:")
+    head, tail = "SUBREDDIT: r/test\n\nTITLE: t\n\nPOST: ", "\n\nTL;DR:"
+    assert text.startswith(head) and text.endswith(tail) and len(ids) <= query_length
+    kept = text[len(head) : -len(tail)]
+    assert post.startswith(kept) and len(kept) < len(post)  # a character prefix of the post
+    fits = lambda k: len(enc(tokenizer, TLDR_TEMPLATE.format(subreddit="test", title="t", post=post[:k]))) <= query_length  # noqa: E731
+    assert not any(fits(k) for k in range(len(kept) + 1, len(post)))  # every longer prefix is too long
+    return kept
+
+
+def test_clever_truncation_hard_cut_without_newlines(tokenizer):
+    kept = hard_cut_prefix(tokenizer, "word " * 300, 100)
+    assert kept.startswith("word word") and len(kept) > 300  # cut to fit, not emptied
+
+
+def test_clever_truncation_hard_cut_never_splits_a_character(tokenizer):
+    # CJK and emoji are several bytes and often several byte-level tokens each: a token cut (the old behaviour)
+    # could end inside a character and decode to U+FFFD; N+'s character cut cannot
+    post = "我们今天去公园散步，天气很好。🙂🎉 " * 40
+    for budget in (41, 43, 46, 48, 97):  # budgets at which a token cut of this post leaves U+FFFD
+        ids = format_query_ids(tokenizer, {"subreddit": "test", "title": "t", "post": post}, budget)
+        assert "\ufffd" not in tokenizer.decode(ids), budget
+        assert len(hard_cut_prefix(tokenizer, post, budget)) > 5, budget
 
 
 def test_clever_truncation_fits_exactly_at_the_budget(tokenizer):
@@ -149,11 +170,15 @@ def test_pad_left_right_exact_length():
         pad([1, 2, 3], 2, 0, "left")
 
 
-def test_completion_adds_one_leading_space_and_eos(tokenizer):
+def test_completion_leading_space_as_n_plus(tokenizer):
     expected = enc(tokenizer, " my summary") + [EOS_ID]
-    assert completion_ids(tokenizer, "my summary") == expected  # SFT summary: space added
-    assert completion_ids(tokenizer, " my summary") == expected  # comparison summary: not doubled
-    assert enc(tokenizer, "  my summary") != enc(tokenizer, " my summary")  # (a doubled space would show)
+    # SFT reference summaries: N+ always prepends the space (D5), even to one that has it already
+    assert completion_ids(tokenizer, "my summary", leading_space=True) == expected
+    assert completion_ids(tokenizer, " my summary", leading_space=True) == enc(tokenizer, "  my summary") + [EOS_ID]
+    assert enc(tokenizer, "  my summary") != enc(tokenizer, " my summary")  # (the doubled space shows)
+    # comparison summaries are used as they are: never given a space
+    assert completion_ids(tokenizer, " my summary", leading_space=False) == expected
+    assert completion_ids(tokenizer, "my summary", leading_space=False) == enc(tokenizer, "my summary") + [EOS_ID]
     assert tokenizer.decode(expected) == " my summary<|im_end|>"
 
 
@@ -198,7 +223,7 @@ def test_build_sft_example_drops_long_references(tokenizer):
     assert build_sft_example(row, tokenizer, 512, 53, 562) is None
     # exactly at the limit is kept: " word" * 52 + EOS = 53 tokens
     at_limit = {**INFO, "summary": ("word " * 52).strip()}
-    assert len(completion_ids(tokenizer, at_limit["summary"])) == 53
+    assert len(completion_ids(tokenizer, at_limit["summary"], leading_space=True)) == 53
     assert build_sft_example(at_limit, tokenizer, 512, 53, 562) is not None
     assert build_sft_example(at_limit, tokenizer, 512, 52, 562) is None
     # or when query + response exceed max_length
@@ -244,10 +269,27 @@ def test_build_preference_example_optional_fields_and_long_summary(tokenizer):
 
 def test_build_preference_example_cnndm_info(tokenizer):
     row = comparison_row(0, info={"id": "c", "article": "Some news.", "site": "cnn", "title": "x"})
-    example = build_preference_example(row, tokenizer, 1919, 169, 2100)
+    example = build_preference_example(row, tokenizer, 512, 169, 638)  # the TL;DR budgets do not apply to it
     query = enc(tokenizer, "Article:\nSome news.\n\nTL;DR:\n")
     assert example["chosen_ids"][: len(query)] == query
-    assert len(example["query_ids"]) == 1919
+    assert CNNDM_QUERY_LENGTH == 1919  # recipe D3
+    assert len(example["query_ids"]) == 1919 and len(example["chosen_ids"]) == 1919 + 169
+
+
+def test_build_preference_example_cnndm_query_budget(tokenizer):
+    # an article of ~2,600 tokens in paragraphs: cut at its last newline until the query fits 1,919 tokens
+    paragraphs = [f"Paragraph {i} of the story. " + "The officials said the plan would go ahead next week. " * 12 for i in range(20)]
+    row = comparison_row(0, info={"id": "c", "article": "\n".join(paragraphs), "site": "cnn", "title": "x"})
+    assert len(enc(tokenizer, CNNDM_TEMPLATE.format(article=row["info"]["article"]))) > 2400
+    example = build_preference_example(row, tokenizer, 512, 169, 638)
+    query = [t for t in example["query_ids"] if t != PAD_ID]
+    assert len(example["query_ids"]) == 1919 and 1919 - 140 < len(query) <= 1919  # a paragraph is ~135 tokens
+    kept = max(k for k in range(21) if len(enc(tokenizer, CNNDM_TEMPLATE.format(article="\n".join(paragraphs[:k])))) <= 1919)
+    assert query == enc(tokenizer, CNNDM_TEMPLATE.format(article="\n".join(paragraphs[:kept])))
+    # custom budgets
+    small = build_preference_example(row, tokenizer, 512, 169, 638, cnndm_query_length=600, cnndm_max_length=700)
+    assert len(small["query_ids"]) == 600 and len(small["chosen_ids"]) == 700
+    assert len([t for t in small["query_ids"] if t != PAD_ID]) <= 600
 
 
 @pytest.mark.parametrize(
@@ -353,7 +395,7 @@ def test_sft_datamodule_on_real_data(tokenizer, default_model_dir):
     train, val = dm.splits["train"], dm.splits["validation"]
     # rows whose " summary" + EOS exceeds 53 tokens are dropped (D7)
     raw = _rows(SFT_DATA / "train.jsonl", 16)
-    kept = [r for r in raw if len(completion_ids(tokenizer, r["summary"])) <= 53]
+    kept = [r for r in raw if len(completion_ids(tokenizer, r["summary"], leading_space=True)) <= 53]
     assert len(train) == len(kept) >= 12
     assert train["reference"] == [r["summary"] for r in kept]
     assert {len(ids) for ids in train["input_ids"]} == {562} and {len(ids) for ids in train["query_ids"]} == {512}
@@ -465,6 +507,27 @@ def test_preference_datamodule_batch_names_and_confidence(tmp_path, tokenizer, d
     # choice 1: the chosen sequence ends with the second summary
     chosen = val["chosen_ids"][0]
     assert tokenizer.decode(chosen[chosen != PAD_ID]).endswith("TL;DR: second summary<|im_end|>")
+
+
+def test_preference_datamodule_mixes_tldr_and_cnndm_rows(tmp_path, tokenizer, default_model_dir):
+    article = "\n".join(["A paragraph of news. " * 30] * 3)
+    cnndm = comparison_row(1, info={"id": "c1", "article": article, "site": "cnn", "title": "x"}, batch="cnndm0")
+    write_jsonl(tmp_path / "train.jsonl", [comparison_row(0), cnndm])
+    write_jsonl(tmp_path / "validation.jsonl", [comparison_row(2)])
+    dm = PreferenceDataModule(path=str(tmp_path), tokenizer=str(default_model_dir), batch_size=2, query_length=64,
+                              max_length=100, response_length=20, cnndm_query_length=300, sft_path=None)
+    dm.tokenizer = tokenizer
+    dm.setup("fit")
+    train = dm.splits["train"]
+    assert [len(ids) for ids in train["query_ids"]] == [64, 300]  # each row its own fixed shape (D3, D7)
+    assert [len(ids) for ids in train["chosen_ids"]] == [100, 320]
+    batch = dm.collate([train[0], train[1]])  # padded to the widest row, then trimmed
+    cnndm_query = [t for t in train[1]["query_ids"] if t != PAD_ID]
+    assert batch["query_ids"].shape == (2, len(cnndm_query)) and batch["query_ids"][1].tolist() == cnndm_query
+    tldr_query = [t for t in train[0]["query_ids"] if t != PAD_ID]
+    assert batch["query_ids"][0, -len(tldr_query):].tolist() == tldr_query  # still left-padded
+    assert (batch["query_ids"][0, : -len(tldr_query)] == PAD_ID).all()
+    assert tokenizer.decode(batch["chosen_ids"][1][batch["chosen_ids"][1] != PAD_ID]).startswith("Article:\nA paragraph")
 
 
 def test_preference_normalization_needs_sft_path():

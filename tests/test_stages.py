@@ -288,8 +288,11 @@ def test_rollout_with_frozen_trunk_matches_full_models(tiny_model_dir, tiny_rewa
     torch.testing.assert_close(split_loss, full_loss, rtol=0, atol=1e-6)
 
 
-def test_rollout_eos_truncation_penalty_and_whitening(ppo_module, queries, monkeypatch):
+@pytest.mark.parametrize("score_position, whitening_scope", [("after_eos", "rank"), ("eos", "global")])
+def test_rollout_eos_truncation_penalty_and_whitening(ppo_module, queries, monkeypatch, score_position, whitening_scope):
     pad = ppo_module.tokenizer.pad_token_id
+    monkeypatch.setitem(ppo_module.hparams, "score_position", score_position)
+    monkeypatch.setitem(ppo_module.hparams, "whitening_scope", whitening_scope)
     real_generate = ppo_stage.generate
     raw = {}
 
@@ -315,20 +318,27 @@ def test_rollout_eos_truncation_penalty_and_whitening(ppo_module, queries, monke
     monkeypatch.setattr(strategy, "reduce", reduce)
     torch.manual_seed(0)
     data = ppo_module.rollout(queries)
-    # the whitening statistics go through the strategy so that they cover every rank (P6)
-    assert reductions and all(op == "sum" for op in reductions), reductions
+    # whitening statistics: each process's own batch (N+, no reduction) or the global batch (P6)
+    if whitening_scope == "rank":
+        assert reductions == []
+    else:
+        assert reductions and all(op == "sum" for op in reductions), reductions
     context = queries.size(1)
     responses = raw["responses"]
     assert torch.equal(data["responses"], responses)  # raw samples are kept
     processed = data["query_responses"][:, context:]
-    eos_at = {0: 3, 1: 0, 3: RESPONSE_LENGTH - 1}
+    last_index = torch.tensor([3, 0, RESPONSE_LENGTH - 1, RESPONSE_LENGTH - 1])  # L: EOS, or the last token without one
+    after = score_position == "after_eos"
+    # N+: score at L + 1 unless L is the last position (rows 2, 3); values trained up to L + 1 (padding_mask_p1)
+    score_index = torch.tensor([4, 1, RESPONSE_LENGTH - 1, RESPONSE_LENGTH - 1]) if after else last_index
+    positions = torch.arange(RESPONSE_LENGTH)
     for row in range(4):
-        last = eos_at.get(row, RESPONSE_LENGTH - 1)
+        last = int(last_index[row])
         assert torch.equal(processed[row, : last + 1], responses[row, : last + 1]), row
         assert (processed[row, last + 1 :] == pad).all(), row  # PAD after the first EOS (P3)
-        expected_mask = torch.arange(RESPONSE_LENGTH) > last
-        assert torch.equal(data["padding_mask"][row], expected_mask), row
-    padding = data["padding_mask"]
+        assert torch.equal(data["padding_mask"][row], positions > last), row
+        assert torch.equal(data["value_padding_mask"][row], positions > last + int(after)), row
+    padding, value_padding = data["padding_mask"], data["value_padding_mask"]
     assert padding.any() and (~padding).any()
     # a response without EOS scores the penalty; the others keep the reward model's score (P3)
     assert data["scores"][2].item() == -1.0
@@ -336,18 +346,23 @@ def test_rollout_eos_truncation_penalty_and_whitening(ppo_module, queries, monke
     for row in (0, 1, 3):
         assert data["scores"][row].item() == pytest.approx(rm_scores[row].item(), abs=1e-5)
         assert data["scores"][row].item() != -1.0
-    # padded positions: sentinel logprobs, zero value, zero KL, zero advantage (P4, P6)
+    # padded positions: sentinel logprobs, zero KL, zero advantage (P4, P6); values zero after the value mask only
     assert (data["logprobs"][padding] == INVALID_LOGPROB).all() and (data["ref_logprobs"][padding] == INVALID_LOGPROB).all()
-    assert not data["values"][padding].any() and not data["kl"][padding].any() and not data["advantages"][padding].any()
-    # the score sits on the last real token (P5)
+    assert not data["kl"][padding].any() and not data["advantages"][padding].any()
+    assert not data["values"][value_padding].any() and not data["returns"][value_padding].any()
+    if after:  # N+: the value at L + 1 (the state after the EOS) is kept for rows 0 and 1
+        assert (data["values"][torch.arange(2), score_index[:2]] != 0).all()
+    # the score lands on score_index, plus the KL penalty there (0 at L + 1, a padded position) (P5)
     rows = torch.arange(4)
-    last_index = torch.tensor([3, 0, RESPONSE_LENGTH - 1, RESPONSE_LENGTH - 1])
-    expected = data["scores"] - 0.05 * data["kl"][rows, last_index]
-    assert torch.allclose(data["rewards"][rows, last_index], expected, atol=1e-6)
-    # advantages are whitened over the real tokens
+    expected = data["scores"] - 0.05 * data["kl"][rows, score_index]
+    assert torch.allclose(data["rewards"][rows, score_index], expected, atol=1e-6)
+    others = torch.ones_like(data["rewards"], dtype=torch.bool)
+    others[rows, score_index] = False
+    torch.testing.assert_close(data["rewards"][others], data["non_score_reward"][others])
+    # advantages are whitened over the real tokens with the biased variance (N+ masked_whiten)
     real = data["advantages"][~padding]
     assert real.mean().item() == pytest.approx(0.0, abs=1e-5)
-    assert real.var(unbiased=True).item() == pytest.approx(1.0, rel=1e-3)
+    assert real.var(unbiased=False).item() == pytest.approx(1.0, rel=1e-4)
     assert torch.isfinite(data["returns"]).all()
 
 

@@ -2,6 +2,8 @@
 
 from lit_rlhf.algorithms.core import (
     INVALID_LOGPROB,
+    LOSS_NORMALIZATIONS,
+    SCORE_POSITIONS,
     entropy_from_logits,
     first_true_indices,
     gae_advantages,
@@ -16,15 +18,22 @@ from lit_rlhf.algorithms.core import (
     penalize_missing_eos,
     ppo_policy_loss,
     ppo_value_loss,
+    response_padding_masks,
+    score_indices,
     sequence_cross_entropy,
     truncate_after_eos,
 )
 from lit_rlhf.algorithms.dpo import DPO_LOSS_TYPES, PAIR_STRATEGIES, dpo_loss, select_pairs
+from lit_rlhf.algorithms.kl import KLController, adaptive_kl_coef
 from lit_rlhf.algorithms.ppo_max import RunningMoments, merge_moments, minibatch_advantages, normalize_scores
 
 __all__ = [
     "DPO_LOSS_TYPES",
     "INVALID_LOGPROB",
+    "KLController",
+    "LOSS_NORMALIZATIONS",
+    "SCORE_POSITIONS",
+    "adaptive_kl_coef",
     "PAIR_STRATEGIES",
     "RunningMoments",
     "dpo_loss",
@@ -46,6 +55,8 @@ __all__ = [
     "penalize_missing_eos",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "response_padding_masks",
+    "score_indices",
     "sequence_cross_entropy",
     "truncate_after_eos",
 ]

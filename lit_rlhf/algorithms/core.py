@@ -137,10 +137,23 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, all_reduce: AllReduce 
 
 
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, all_reduce: AllReduce = None) -> torch.Tensor:
-    """Variance over masked positions, with Bessel's correction when ``unbiased`` (as N+ does).
+    """Variance over masked positions: biased (divides by the count) or, with ``unbiased``, with Bessel's
+    correction (``count / (count - 1)``).
+
+    ``unbiased=True`` is the default of N+'s ``masked_var``; N+'s whitening calls it with ``unbiased=False``
+    (recipe P6), as :func:`masked_whiten` does by default.
+
+    Args:
+        values: any shape.
+        mask: same shape, bool or 0/1.
+        unbiased: apply Bessel's correction.
+        all_reduce: optional cross-rank sum; when given the statistics cover the positions of every rank.
+
+    Returns:
+        scalar variance (units of ``values`` squared).
 
     Raises:
-        ValueError: if ``unbiased`` and the mask selects fewer than two positions.
+        ValueError: if the mask selects nothing, or fewer than two positions when ``unbiased``.
     """
     mask = mask.to(values.dtype)
     mean = masked_mean(values, mask, all_reduce)
@@ -154,48 +167,114 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, 
 
 
 def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_reduce: AllReduce = None
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_reduce: AllReduce = None, unbiased: bool = False
 ) -> torch.Tensor:
-    """Whiten ``values`` with the mean and (unbiased) variance of the masked positions (recipe P6).
+    """Whiten ``values`` with the mean and variance of the masked positions (recipe P6).
 
     ``(x - mean) / sqrt(var + 1e-8)``; with ``shift_mean=False`` the mean is added back, so only the scale
     changes (N+ uses this for rewards). Positions outside the mask are transformed too: callers zero them.
 
+    As N+'s ``masked_whiten``: the variance is biased (``unbiased=False``, its ``masked_var(values, mask, False)``)
+    and the statistics are those of the tensor given, i.e. of one process's batch; pass ``all_reduce`` to whiten
+    over the global batch instead (the same under one process).
+
     Args:
         values: ``(B, T)``.
-        mask: ``(B, T)`` bool, true on real response tokens.
+        mask: ``(B, T)`` bool, true on the positions whose statistics are used.
         shift_mean: subtract the mean (advantages) or keep it (rewards).
         all_reduce: optional cross-rank sum so that the statistics cover the global batch.
+        unbiased: use Bessel's correction in the variance (not N+).
 
     Returns:
         ``(B, T)`` tensor.
+
+    Raises:
+        ValueError: as :func:`masked_var`.
     """
     mean = masked_mean(values, mask, all_reduce)
-    var = masked_var(values, mask, all_reduce=all_reduce)
+    var = masked_var(values, mask, unbiased=unbiased, all_reduce=all_reduce)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
     return whitened
 
 
+#: Where the reward-model score lands and which values train (recipe P5): ``"after_eos"`` is the N+ code
+#: (score at ``L + 1``, the first PAD after the EOS at ``L``, when ``L + 1 < T``; values kept up to ``L + 1``),
+#: ``"eos"`` puts the score on the EOS itself and masks values after it.
+SCORE_POSITIONS = ("after_eos", "eos")
+
+
+def response_padding_masks(
+    last_index: torch.Tensor, length: int, score_position: str = "after_eos"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy and value padding masks of a batch of responses (recipe P4, P5).
+
+    With ``L`` the index of the last real response token (the EOS when there is one), the policy mask is
+    ``t > L``; the value mask is ``t > L + 1`` (N+'s ``padding_mask_p1``: the value at ``L + 1``, where the score
+    lands, is kept in GAE and the value loss) with ``"after_eos"``, and ``t > L`` with ``"eos"``.
+
+    Args:
+        last_index: ``(B,)`` long, ``L`` of each row, in ``[0, T)``.
+        length: ``T``, the response length.
+        score_position: one of :data:`SCORE_POSITIONS`.
+
+    Returns:
+        ``(padding_mask, value_padding_mask)``, each ``(B, T)`` bool, true on masked (padded) positions.
+
+    Raises:
+        ValueError: for an unknown ``score_position``.
+    """
+    if score_position not in SCORE_POSITIONS:
+        raise ValueError(f"score_position must be one of {SCORE_POSITIONS}, got '{score_position}'")
+    positions = torch.arange(length, device=last_index.device).unsqueeze(0)  # (1, T)
+    padding_mask = positions > last_index.unsqueeze(1)
+    value_last = last_index + 1 if score_position == "after_eos" else last_index
+    return padding_mask, positions > value_last.unsqueeze(1)
+
+
+def score_indices(last_index: torch.Tensor, length: int, score_position: str = "after_eos") -> torch.Tensor:
+    """Response position that receives the reward-model score (recipe P5).
+
+    ``"after_eos"`` (N+): ``L + 1`` when ``L + 1 < T``, else ``L``; ``"eos"``: ``L``.
+
+    Args:
+        last_index: ``(B,)`` long, index ``L`` of the last real response token.
+        length: ``T``.
+        score_position: one of :data:`SCORE_POSITIONS`.
+
+    Returns:
+        ``(B,)`` long tensor in ``[0, T)``.
+
+    Raises:
+        ValueError: for an unknown ``score_position``.
+    """
+    if score_position not in SCORE_POSITIONS:
+        raise ValueError(f"score_position must be one of {SCORE_POSITIONS}, got '{score_position}'")
+    if score_position == "eos":
+        return last_index
+    return torch.where(last_index + 1 < length, last_index + 1, last_index)
+
+
 def kl_penalty_rewards(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
     scores: torch.Tensor,
-    last_index: torch.Tensor,
+    score_index: torch.Tensor,
     kl_coef: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token rewards: KL penalty on every token plus the RM score on the last one (recipe P5).
+    """Per-token rewards: KL penalty on every token plus the RM score at ``score_index`` (recipe P5).
 
-    ``kl_t = logp_t - logp_ref_t``, ``r_t = -kl_coef * kl_t``, and ``r_{last} += score``. Padded positions
-    carry the sentinel logprob in both inputs (recipe P4), so their KL and penalty are exactly 0.
+    ``kl_t = logp_t - logp_ref_t``, ``r_t = -kl_coef * kl_t``, and ``r_{score_index} += score``. Padded positions
+    carry the sentinel logprob in both inputs (recipe P4), so their KL and penalty are exactly 0; N+ adds the
+    score on the first of them (see :func:`score_indices`).
 
     Args:
         logprobs: ``(B, T)`` policy logprobs of the response tokens at sampling time.
         ref_logprobs: ``(B, T)`` reference-policy logprobs of the same tokens.
         scores: ``(B,)`` reward-model scores (after the EOS penalty).
-        last_index: ``(B,)`` index of the last real response token (the EOS when there is one).
-        kl_coef: the fixed KL coefficient (0.05 in N+).
+        score_index: ``(B,)`` position that receives the score (:func:`score_indices`).
+        kl_coef: the KL coefficient (0.05 fixed in N+; see :func:`adaptive_kl_coef`).
 
     Returns:
         ``(rewards, kl, non_score_reward)``, each ``(B, T)``.
@@ -204,7 +283,7 @@ def kl_penalty_rewards(
     non_score_reward = -kl_coef * kl
     rewards = non_score_reward.clone()
     rows = torch.arange(rewards.size(0), device=rewards.device)
-    rewards[rows, last_index] += scores.to(rewards.dtype)
+    rewards[rows, score_index] += scores.to(rewards.dtype)
     return rewards, kl, non_score_reward
 
 
@@ -318,19 +397,45 @@ def pairwise_reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.T
     return -F.logsigmoid(chosen_rewards.float() - rejected_rewards.float()).mean()
 
 
-def sequence_cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy over every real token of the sequence (SFT loss, recipe §1 SFT).
+#: SFT loss weightings (:func:`sequence_cross_entropy`).
+LOSS_NORMALIZATIONS = ("sequence", "token")
 
-    Position ``t`` predicts token ``t + 1``; targets at padded positions are ignored. The mean is over
-    real target tokens, as Hugging Face's ``labels`` with ``-100`` gives.
+
+def sequence_cross_entropy(
+    logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, normalization: str = "token"
+) -> torch.Tensor:
+    """Next-token cross-entropy over the real tokens of each sequence (SFT loss, recipe §1 SFT).
+
+    Position ``t`` predicts token ``t + 1``; targets at padded positions are ignored.
+
+    * ``"token"``: the mean over every real target token of the batch (Hugging Face's ``labels`` with ``-100``),
+      so long rows weigh more.
+    * ``"sequence"``: the mean over each row's real target tokens, then the mean over rows: N+'s loss, which takes
+      the Hugging Face loss of a micro-batch of one row and accumulates 16 of them, so long and short rows weigh
+      the same.
 
     Args:
         logits: ``(B, L, V)``.
         input_ids: ``(B, L)`` token ids (pads may hold any id).
-        mask: ``(B, L)`` bool, true on real tokens.
+        mask: ``(B, L)`` bool, true on real tokens (targets at ``mask[:, 1:]``).
+        normalization: one of :data:`LOSS_NORMALIZATIONS`.
 
     Returns:
         scalar loss (nats per token).
+
+    Raises:
+        ValueError: for an unknown ``normalization``, or a row with no target token under ``"sequence"``.
     """
-    targets = input_ids[:, 1:].masked_fill(~mask[:, 1:].bool(), -100)
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+    if normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {LOSS_NORMALIZATIONS}, got '{normalization}'")
+    target_mask = mask[:, 1:].bool()  # (B, L-1)
+    targets = input_ids[:, 1:].masked_fill(~target_mask, -100)
+    losses = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="none"
+    ).view_as(targets)  # (B, L-1), 0 at ignored targets
+    if normalization == "token":
+        return losses.sum() / target_mask.sum()
+    counts = target_mask.sum(1)  # (B,)
+    if not counts.all():
+        raise ValueError("sequence_cross_entropy: a row has no target token")
+    return (losses.sum(1) / counts).mean()

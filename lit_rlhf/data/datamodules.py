@@ -5,9 +5,10 @@
 * :class:`PreferenceDataModule`: OpenAI comparisons as chosen/rejected pairs (reward model, DPO).
 
 Each reads a local directory holding ``train.jsonl`` / ``validation.jsonl`` (the shared sample) or a hub
-dataset with the same columns, through ``datasets``. Examples are built with fixed shapes (asserted);
-batches then drop the columns that are padding in every row, which is exact because positions are
-derived from the attention mask.
+dataset with the same columns, through ``datasets``. Examples are built with fixed shapes (asserted; CNN/DM
+comparisons have their own, recipe D3); batches pad rows of different fixed shapes to the widest, then drop
+the columns that are padding in every row, which is exact because positions are derived from the
+attention mask.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Sampler
 
 from lit_rlhf.data import formatting
-from lit_rlhf.data.formatting import build_preference_example, build_sft_example, trim_padding
+from lit_rlhf.data.formatting import CNNDM_QUERY_LENGTH, build_preference_example, build_sft_example, pad, trim_padding
 from lit_rlhf.data.io import load_split
 from lit_rlhf.models.loading import load_tokenizer
 
@@ -35,8 +36,9 @@ SFT_FIELDS = ("subreddit", "title", "post", "summary")
 COMPARISON_FIELDS = ("info", "summaries", "choice")
 
 
-def _build(split: datasets.Dataset, builder: Callable, what: str, source: str) -> datasets.Dataset:
-    """Map rows through ``builder`` (``None`` drops the row), log how many were dropped, assert fixed shapes."""
+def _build(split: datasets.Dataset, builder: Callable, what: str, source: str, shapes: dict[str, set[int]]) -> datasets.Dataset:
+    """Map rows through ``builder`` (``None`` drops the row), log how many were dropped, assert the fixed shapes
+    (recipe D7): every ``*_ids`` column's length is one of ``shapes[column]`` (checked on the first 64 rows)."""
 
     def build_rows(rows: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {}
@@ -64,7 +66,7 @@ def _build(split: datasets.Dataset, builder: Callable, what: str, source: str) -
     for column in built.column_names:
         if column.endswith("_ids"):
             lengths = {len(ids) for ids in built[:64][column]}
-            assert len(lengths) == 1, f"{what}.{column} has varying lengths {lengths}"  # recipe D7
+            assert lengths <= shapes[column], f"{what}.{column} has lengths {lengths}, expected {shapes[column]}"  # recipe D7
     return built
 
 
@@ -145,13 +147,16 @@ class _TLDRDataModule(L.LightningDataModule):
         return sft.build("train", limit).remove_columns(["query_ids"])
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """Stack ``*_ids`` columns into ``(B, L)`` long tensors, trimming all-pad columns; keep the rest as lists."""
+        """Stack ``*_ids`` columns into ``(B, L)`` long tensors (rows of different fixed shapes, e.g. TL;DR and CNN/DM
+        comparisons, padded to the widest on the column's side), trimming all-pad columns; keep the rest as lists."""
         pad_id = self._tokenizer().pad_token_id
         batch: dict[str, Any] = {}
         for key in rows[0]:
             values = [row[key] for row in rows]
             if key.endswith("_ids"):
-                batch[key] = trim_padding(torch.tensor(values, dtype=torch.long), pad_id, self.padded_columns[key])
+                side, width = self.padded_columns[key], max(len(ids) for ids in values)
+                values = [pad(ids, width, pad_id, side) for ids in values]
+                batch[key] = trim_padding(torch.tensor(values, dtype=torch.long), pad_id, side)
             elif isinstance(values[0], int):
                 batch[key] = torch.tensor(values, dtype=torch.long)
             else:
@@ -224,7 +229,8 @@ class SFTDataModule(_TLDRDataModule):
             response_length=self.response_length,
             max_length=self.max_length,
         )
-        return _build(self._load(split, SFT_FIELDS, limit), builder, f"sft/{split}", self.path)
+        shapes = {"query_ids": {self.query_length}, "input_ids": {self.max_length}}
+        return _build(self._load(split, SFT_FIELDS, limit), builder, f"sft/{split}", self.path, shapes)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit"):
@@ -312,8 +318,8 @@ class PreferenceDataModule(_TLDRDataModule):
     Batches hold ``chosen_ids``/``rejected_ids`` ``(B, L)`` (query + summary + EOS, right-padded),
     ``query_ids`` ``(B, Q)``, ``chosen_response_ids``/``rejected_response_ids`` ``(B, T)`` (summary + EOS alone,
     right-padded, for DPO), ``batch`` ``(B,)`` (index into :attr:`batch_names`) and ``confidence`` ``(B,)``
-    (labeller confidence 1-9, -1 when absent). ``choice`` selects the chosen summary; rows with an ``article``
-    use the CNN/DM template. For the reward normalisation of recipe R5, :meth:`normalization_dataloader`
+    (labeller confidence 1-9, -1 when absent). ``choice`` selects the chosen summary; rows with an ``info.article``
+    use the CNN/DM template and query budget (recipe D2, D3). For the reward normalisation of recipe R5, :meth:`normalization_dataloader`
     serves SFT (query + reference) sequences from ``sft_path``.
 
     Args:
@@ -321,6 +327,8 @@ class PreferenceDataModule(_TLDRDataModule):
         hub_config: the hub configuration (``comparisons``) when ``path`` is a hub name.
         response_length: maximum summary length, EOS included (recipe D7: 169).
         max_length: fixed length of query + summary (recipe D7: 638).
+        cnndm_query_length: query budget of CNN/DM rows (recipe D3: 1,919).
+        cnndm_max_length: fixed length of a CNN/DM query + summary (``None`` = ``cnndm_query_length + response_length``).
         sft_path: SFT data for the reward normalisation (recipe R5); ``None`` disables it.
         normalization_samples: number of SFT training rows used for R5 (``None`` = all).
         sft_response_length / sft_max_length: SFT shapes for those rows (53 / 562).
@@ -340,6 +348,8 @@ class PreferenceDataModule(_TLDRDataModule):
         query_length: int = 512,
         response_length: int = 169,
         max_length: int = 638,
+        cnndm_query_length: int = CNNDM_QUERY_LENGTH,
+        cnndm_max_length: Optional[int] = None,
         batch_size: int = 8,
         eval_batch_size: int = 8,
         train_samples: Optional[int] = None,
@@ -353,6 +363,8 @@ class PreferenceDataModule(_TLDRDataModule):
     ) -> None:
         super().__init__(path, tokenizer, batch_size, eval_batch_size, query_length, train_samples, val_samples, num_workers, seed)
         self.hub_config, self.response_length, self.max_length = hub_config, response_length, max_length
+        self.cnndm_query_length = cnndm_query_length
+        self.cnndm_max_length = cnndm_max_length if cnndm_max_length is not None else cnndm_query_length + response_length
         self.sft_path, self.normalization_samples = sft_path, normalization_samples
         self.sft_response_length, self.sft_max_length = sft_response_length, sft_max_length
         self.batch_names: list[str] = []
@@ -364,8 +376,16 @@ class PreferenceDataModule(_TLDRDataModule):
             query_length=self.query_length,
             response_length=self.response_length,
             max_length=self.max_length,
+            cnndm_query_length=self.cnndm_query_length,
+            cnndm_max_length=self.cnndm_max_length,
         )
-        return _build(self._load(split, COMPARISON_FIELDS, limit, self.hub_config), builder, f"comparisons/{split}", self.path)
+        sequences, responses = {self.max_length, self.cnndm_max_length}, {self.response_length}
+        shapes = {
+            "query_ids": {self.query_length, self.cnndm_query_length}, "chosen_ids": sequences, "rejected_ids": sequences,
+            "chosen_response_ids": responses, "rejected_response_ids": responses,
+        }
+        data = self._load(split, COMPARISON_FIELDS, limit, self.hub_config)
+        return _build(data, builder, f"comparisons/{split}", self.path, shapes)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit"):

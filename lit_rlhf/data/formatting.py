@@ -14,6 +14,13 @@ import torch
 TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 #: Recipe D2, CNN/DM articles (out-of-distribution evaluation).
 CNNDM_TEMPLATE = "Article:\n{article}\n\nTL;DR:\n"
+#: Recipe D3: N+'s query budget for CNN/DM articles (2,047 - 128 tokens).
+CNNDM_QUERY_LENGTH = 1919
+
+
+def is_cnndm(info: Mapping[str, Any]) -> bool:
+    """Whether a row (or a comparison's ``info``) is a CNN/DM article rather than a TL;DR post."""
+    return info.get("article") is not None
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -25,7 +32,8 @@ def format_query_ids(tokenizer: Any, info: Mapping[str, Any], query_length: int)
 
     TL;DR rows (``subreddit``, ``title``, ``post``) use the TL;DR template; rows with an ``article`` use the
     CNN/DM template. While the query is too long, the body (``post`` or ``article``) is cut at its last
-    newline; when no newline is left, the body's tokens are cut from the end until the query fits.
+    newline; when no newline is left, one character is dropped from its end at a time, as N+ does, so a cut
+    never splits a multi-byte character (no U+FFFD in emoji or CJK posts).
 
     Args:
         tokenizer: a Hugging Face tokenizer.
@@ -39,7 +47,7 @@ def format_query_ids(tokenizer: Any, info: Mapping[str, Any], query_length: int)
         KeyError: naming a missing field.
         ValueError: when even an empty body does not fit.
     """
-    if "article" in info and info["article"] is not None:
+    if is_cnndm(info):
         template, body_key, keys = CNNDM_TEMPLATE, "article", ("article",)
     else:
         template, body_key, keys = TLDR_TEMPLATE, "post", ("subreddit", "title", "post")
@@ -50,29 +58,22 @@ def format_query_ids(tokenizer: Any, info: Mapping[str, Any], query_length: int)
         fields[key] = str(info[key])
     while True:
         ids = _encode(tokenizer, template.format(**fields))
-        overflow = len(ids) - query_length
-        if overflow <= 0:
+        if len(ids) <= query_length:
             return ids
         body = fields[body_key]
         if not body:
             raise ValueError(f"query does not fit {query_length} tokens even with an empty '{body_key}'")
         newline = body.rfind("\n")
-        if newline >= 0:
-            fields[body_key] = body[:newline]
-        else:  # hard cut: drop as many body tokens as the query overflows by
-            body_ids = _encode(tokenizer, body)
-            fields[body_key] = tokenizer.decode(body_ids[: max(0, len(body_ids) - overflow)])
+        fields[body_key] = body[:newline] if newline >= 0 else body[:-1]  # N+: the last newline, else one character
 
 
-def completion_ids(tokenizer: Any, text: str) -> list[int]:
-    """Completion token ids: a leading space (added if absent), the text, then EOS (recipe D5).
+def completion_ids(tokenizer: Any, text: str, leading_space: bool) -> list[int]:
+    """Completion token ids: the text, then EOS, with a space prepended when ``leading_space`` (recipe D5).
 
-    SFT reference summaries have no leading space and get one; comparison summaries already start with a
-    space and only get the EOS.
+    As N+: SFT reference summaries always get the space (``" " + summary``, even if one is there already);
+    comparison summaries, which already begin with a space, are used as they are.
     """
-    if not text.startswith(" "):
-        text = " " + text
-    return _encode(tokenizer, text) + [tokenizer.eos_token_id]
+    return _encode(tokenizer, (" " + text) if leading_space else text) + [tokenizer.eos_token_id]
 
 
 def pad(ids: list[int], length: int, pad_id: int, side: str) -> list[int]:
@@ -99,7 +100,7 @@ def build_sft_example(
     query = format_query_ids(tokenizer, row, query_length)
     if row.get("summary") is None:
         raise KeyError("missing field 'summary'")
-    response = completion_ids(tokenizer, row["summary"])
+    response = completion_ids(tokenizer, row["summary"], leading_space=True)
     if len(response) > response_length or len(query) + len(response) > max_length:
         return None
     pad_id = tokenizer.pad_token_id
@@ -111,11 +112,19 @@ def build_sft_example(
 
 
 def build_preference_example(
-    row: Mapping[str, Any], tokenizer: Any, query_length: int, response_length: int, max_length: int
+    row: Mapping[str, Any],
+    tokenizer: Any,
+    query_length: int,
+    response_length: int,
+    max_length: int,
+    cnndm_query_length: int = CNNDM_QUERY_LENGTH,
+    cnndm_max_length: Optional[int] = None,
 ) -> Optional[dict[str, Any]]:
     """One comparison as chosen/rejected sequences with the fixed shapes of recipe D7.
 
-    ``choice`` picks the chosen summary; the CNN/DM template is used when ``info`` has ``article``.
+    ``choice`` picks the chosen summary. When ``info`` has an ``article`` (CNN/DM), the CNN/DM template and the
+    budgets ``cnndm_query_length`` (D3: 1,919) and ``cnndm_max_length`` (``None`` = ``cnndm_query_length +
+    response_length``) replace ``query_length`` and ``max_length``.
 
     Returns:
         ``chosen_ids``/``rejected_ids`` (``max_length`` each: unpadded query + completion, right-padded),
@@ -138,8 +147,11 @@ def build_preference_example(
         if summary.get("text") is None:
             raise KeyError("missing field 'summaries[].text'")
         texts.append(summary["text"])
+    if is_cnndm(row["info"]):
+        query_length = cnndm_query_length
+        max_length = cnndm_max_length if cnndm_max_length is not None else cnndm_query_length + response_length
     query = format_query_ids(tokenizer, row["info"], query_length)
-    chosen, rejected = completion_ids(tokenizer, texts[choice]), completion_ids(tokenizer, texts[1 - choice])
+    chosen, rejected = (completion_ids(tokenizer, texts[index], leading_space=False) for index in (choice, 1 - choice))
     if max(len(chosen), len(rejected)) > response_length or len(query) + max(len(chosen), len(rejected)) > max_length:
         return None
     pad_id = tokenizer.pad_token_id

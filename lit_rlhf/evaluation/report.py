@@ -75,7 +75,9 @@ def summary(run_dir: Path, num_samples: int = 3) -> str:
     policies = [("SFT", sft_policy), ("PPO", ppo_policy)]
     dpo_policy, online_policy = _last(read_results(run_dir / "dpo_eval"), "validate"), _last(read_results(run_dir / "online_dpo"), "fit")
     policies += [(name, record) for name, record in (("DPO", dpo_policy), ("online DPO", online_policy)) if record]
-    lines.append("\nPolicies on the validation prompts (responses sampled at temperature 0.7, same seeds)")
+    temperatures = {_metric(record, "eval/temperature") for _, record in policies} - {None}
+    sampled_at = "/".join(f"{t:g}" for t in sorted(temperatures)) or "n/a"
+    lines.append(f"\nPolicies on the validation prompts (responses sampled at temperature {sampled_at}, same seeds)")
     lines.append(f"  {'policy':<12}{'mean RM score':>15}{'KL to SFT':>12}{'length':>10}{'EOS frac':>10}")
     for name, record in policies:
         lines.append(

@@ -48,7 +48,7 @@ class DPOModule(StageModule):
         loss_type: ``"sigmoid"`` (DPO) or ``"ipo"``.
         lr: AdamW learning rate (N+ baseline 3e-6), cosine to 0.
         eps: AdamW epsilon (1e-5).
-        weight_decay: AdamW weight decay.
+        weight_decay: AdamW weight decay (0.01, PyTorch's default, as in every N+ stage).
         trainable_layers: train only the top N blocks of the policy (``None`` = all).
     """
 
@@ -62,7 +62,7 @@ class DPOModule(StageModule):
         loss_type: str = "sigmoid",
         lr: float = 3e-6,
         eps: float = 1e-5,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.01,
         trainable_layers: Optional[int] = None,
     ) -> None:
         super().__init__()

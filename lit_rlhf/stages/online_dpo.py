@@ -53,7 +53,8 @@ class OnlineDPOModule(PolicyValidation, StageModule):
         samples_per_prompt: K (paper 8, their script 4).
         response_length: tokens sampled per response (53 as in PPO).
         temperature: sampling temperature of the iterations (paper 1.0); also scales the KL logprobs.
-        eval_temperature: sampling temperature of validation (0.7, as PPO's validation, so tables compare).
+        eval_temperature: sampling temperature of validation (0.01, near-greedy, as N+'s PPO validation; the
+            quickstart uses 0.7 for every policy, see ``configs/quickstart/ppo.yaml``).
         truncate_after_eos, non_eos_penalty, penalty_reward_value: EOS handling as PPO (P3).
         pair_strategy: ``"best_vs_worst"`` (paper) or ``"best_vs_random"``.
         length_penalty: reward units per response token subtracted before ranking (0 = off).
@@ -72,7 +73,6 @@ class OnlineDPOModule(PolicyValidation, StageModule):
 
     schedule = "constant"
     frozen_submodules = ("ref_policy", "sft_policy", "reward_model")
-    eval_temperature_key = "eval_temperature"
 
     def __init__(
         self,
@@ -81,7 +81,7 @@ class OnlineDPOModule(PolicyValidation, StageModule):
         samples_per_prompt: int = 4,
         response_length: int = 53,
         temperature: float = 1.0,
-        eval_temperature: float = 0.7,
+        eval_temperature: float = 0.01,
         truncate_after_eos: bool = True,
         non_eos_penalty: bool = True,
         penalty_reward_value: float = -1.0,

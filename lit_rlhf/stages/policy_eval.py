@@ -62,13 +62,13 @@ class PolicyValidation:
     """Mixin for a LightningModule with ``policy``, ``reward_model``, ``tokenizer`` and :meth:`eval_reference`.
 
     Hyperparameters read: ``response_length``, ``seed``, ``num_samples``, ``truncate_after_eos``,
-    ``non_eos_penalty``, ``penalty_reward_value`` and :attr:`eval_temperature_key` (the sampling temperature).
+    ``non_eos_penalty``, ``penalty_reward_value`` and ``eval_temperature`` (the sampling temperature: N+ samples
+    validation responses at 0.01; the KL uses logprobs scaled by the same temperature, P4).
     Sampling uses a fixed seed per validation batch and rank, so two policies (or one evaluated twice) see the
     same random numbers. ``policy_trunk`` (a :class:`~lit_rlhf.models.trunk.FrozenTrunk` over policy and
     reference) is used when set.
     """
 
-    eval_temperature_key = "temperature"
     policy_trunk: FrozenTrunk = FrozenTrunk()
 
     def init_policy_validation(self) -> None:
@@ -86,7 +86,7 @@ class PolicyValidation:
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Mean RM score, KL to :meth:`eval_reference` (sum over tokens), length and EOS rate of sampled responses."""
         hp, tok = self.hparams, self.tokenizer
-        temperature, queries = hp[self.eval_temperature_key], batch["query_ids"]
+        temperature, queries = hp.eval_temperature, batch["query_ids"]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hp.seed + batch_idx + self.global_rank * RANK_SEED_STRIDE)
             sample = sample_and_score(
@@ -118,5 +118,6 @@ class PolicyValidation:
             "eval/response_length": self.val_length, "eval/eos_fraction": self.val_eos,
         }
         self.log_dict({key: metric.compute() for key, metric in metrics.items()})
+        self.log("eval/temperature", float(self.hparams.eval_temperature))  # read by the quickstart summary
         for metric in metrics.values():
             metric.reset()

@@ -15,6 +15,8 @@ import torch
 
 from lit_rlhf.algorithms import (
     INVALID_LOGPROB,
+    SCORE_POSITIONS,
+    KLController,
     RunningMoments,
     first_true_indices,
     gae_advantages,
@@ -26,6 +28,8 @@ from lit_rlhf.algorithms import (
     penalize_missing_eos,
     ppo_policy_loss,
     ppo_value_loss,
+    response_padding_masks,
+    score_indices,
     sequence_cross_entropy,
     truncate_after_eos,
 )
@@ -36,9 +40,15 @@ from lit_rlhf.models.trunk import FrozenTrunk
 from lit_rlhf.stages.common import StageModule, freeze_bottom_layers, frozen, load_policy_and_reference
 from lit_rlhf.stages.policy_eval import RANK_SEED_STRIDE, PolicyValidation
 
+#: ``whitening_scope`` values: each process's own batch (N+) or the global batch.
+WHITENING_SCOPES = ("rank", "global")
+
 
 class PPOModule(PolicyValidation, StageModule):
-    """PPO on a reward model with a fixed-coefficient KL penalty (recipe P1-P11, N+ defaults).
+    """PPO on a reward model with a per-token KL penalty (recipe P1-P11, N+ defaults).
+
+    The defaults are the N+ code (``summarize_from_feedback_details/ppo.py``); where an argument offers another
+    behaviour, its entry says which value is N+'s.
 
     Args:
         policy: SFT checkpoint; initialises the policy and the frozen reference policy (P1).
@@ -51,24 +61,39 @@ class PPOModule(PolicyValidation, StageModule):
         truncate_after_eos: replace tokens after the first EOS by PAD before scoring (P3).
         non_eos_penalty: responses without EOS get ``penalty_reward_value`` as score (P3).
         penalty_reward_value: that score (P3: -1).
-        kl_coef: fixed KL coefficient of the per-token penalty (P5: 0.05).
-        whiten_rewards: whiten rewards before GAE (P6: off).
+        kl_coef: KL coefficient of the per-token penalty (P5: 0.05, fixed); the initial value when ``kl_target`` is set.
+        kl_target: adaptive KL controller (Ziegler et al. 2019; :func:`~lit_rlhf.algorithms.adaptive_kl_coef`): the
+            target KL in nats per response (6 in their work). ``None`` (N+, P5) keeps ``kl_coef`` fixed. The
+            coefficient in use is logged as ``objective/kl_coef`` and checkpointed.
+        kl_horizon: the controller's horizon in episodes (10,000).
+        score_position: where the RM score lands and which values train (P5). ``"after_eos"`` (N+): at ``L + 1``,
+            the first PAD after the EOS at ``L`` (at ``L`` when ``L + 1 = T``), with values kept up to ``L + 1``
+            (N+'s ``padding_mask_p1``) in GAE, the value loss and reward whitening. ``"eos"``: at ``L``, values masked
+            after it (the score then sits on the state that produced the EOS).
+        whiten_rewards: whiten rewards before GAE (P6: off), over the value mask, mean kept.
+        whitening_scope: statistics of reward and advantage whitening (P6) and of PPO-max's minibatch
+            advantage normalisation: ``"rank"`` (N+) over each process's own batch, ``"global"`` over the batch of
+            every rank. The same under one process.
         gamma: GAE discount (P7: 1).
         lam: GAE lambda (P7: 0.95).
         num_ppo_epochs: passes over each rollout batch (P8: 4).
         num_mini_batches: minibatches per epoch (P8: 1).
         micro_batch_size: rows per forward/backward inside a minibatch (gradient accumulation; ``None`` = the
-            whole minibatch). Memory only; the update is the same.
+            whole minibatch). Each micro-batch's loss is a masked token mean over that micro-batch alone and the
+            minibatch's gradient is the mean of the micro-batch gradients, as in N+ (P8), so the update depends on
+            it: rows with few tokens weigh more in a small micro-batch. N+: 16 / 4 / 1 rows for 1B / 2.8B / 6.9B.
         cliprange: policy ratio clip (P8: 0.2).
         cliprange_value: value clip (P8: 0.2).
         vf_coef: value-loss weight (P8: 0.1).
         lr: AdamW learning rate (P8: 3e-6), annealed linearly to 0 over the updates.
         eps: AdamW epsilon (P8: 1e-5).
-        weight_decay: AdamW weight decay.
+        weight_decay: AdamW weight decay (P8: 0.01, PyTorch's default, as in every N+ stage).
         anneal_lr: linear annealing on (P8) or a constant rate.
         seed: base seed; rank ``r`` samples with ``seed + r * 100003`` (P11).
         rollout_batch_size: rows per no-grad forward during the rollout (``None`` = all at once).
         num_samples: rows kept for the validation sample table.
+        eval_temperature: sampling temperature of validation (N+: 0.01, near-greedy); the KL to the reference is
+            measured with logprobs scaled by the same temperature (P4).
         reward_norm: PPO-max: normalise RM scores by the running mean/std of all past scores (off).
         reward_scaling: PPO-max: divide RM scores by the running std only (off; ``reward_norm`` wins).
         reward_clip: PPO-max: clip the (normalised) scores to ``[-reward_clip, reward_clip]`` (0.8 / 0.3 studied).
@@ -100,7 +125,11 @@ class PPOModule(PolicyValidation, StageModule):
         non_eos_penalty: bool = True,
         penalty_reward_value: float = -1.0,
         kl_coef: float = 0.05,
+        kl_target: Optional[float] = None,
+        kl_horizon: int = 10000,
+        score_position: str = "after_eos",
         whiten_rewards: bool = False,
+        whitening_scope: str = "rank",
         gamma: float = 1.0,
         lam: float = 0.95,
         num_ppo_epochs: int = 4,
@@ -111,11 +140,12 @@ class PPOModule(PolicyValidation, StageModule):
         vf_coef: float = 0.1,
         lr: float = 3e-6,
         eps: float = 1e-5,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.01,
         anneal_lr: bool = True,
         seed: int = 1,
         rollout_batch_size: Optional[int] = None,
         num_samples: int = 8,
+        eval_temperature: float = 0.01,
         reward_norm: bool = False,
         reward_scaling: bool = False,
         reward_clip: Optional[float] = None,
@@ -128,8 +158,13 @@ class PPOModule(PolicyValidation, StageModule):
         trainable_layers: Optional[int] = None,
     ) -> None:
         super().__init__()
+        if score_position not in SCORE_POSITIONS:
+            raise ValueError(f"score_position must be one of {SCORE_POSITIONS}, got '{score_position}'")
+        if whitening_scope not in WHITENING_SCOPES:
+            raise ValueError(f"whitening_scope must be one of {WHITENING_SCOPES}, got '{whitening_scope}'")
         self.save_hyperparameters()
         self.automatic_optimization = False
+        self.kl_controller = KLController(kl_coef, kl_target, kl_horizon)  # fixed unless kl_target; checkpointed
         self.score_moments = RunningMoments()  # PPO-max running score statistics, checkpointed
         self.strict_loading = False  # checkpoints leave out the frozen reference policy and reward model
         self.init_policy_validation()
@@ -165,6 +200,11 @@ class PPOModule(PolicyValidation, StageModule):
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.trainer.strategy.reduce(tensor, reduce_op="sum")
 
+    @property
+    def _whitening_all_reduce(self) -> Any:
+        """The cross-rank sum whitening statistics use: none for ``whitening_scope="rank"`` (N+, P6)."""
+        return self._all_reduce if self.hparams.whitening_scope == "global" else None
+
     @torch.no_grad()
     def rollout(self, queries: torch.Tensor) -> dict[str, torch.Tensor]:
         """Sample responses and score them: everything PPO needs from the old policy (recipe P2-P7).
@@ -174,7 +214,7 @@ class PPOModule(PolicyValidation, StageModule):
 
         Returns:
             dict of ``query_responses`` ``(B, Q+T)`` (post-processed), ``responses`` ``(B, T)`` (raw samples),
-            ``padding_mask``, ``logprobs``, ``ref_logprobs``, ``values``, ``rewards``, ``kl``,
+            ``padding_mask`` (policy), ``value_padding_mask`` (values, P5), ``logprobs``, ``ref_logprobs``, ``values``, ``rewards``, ``kl``,
             ``non_score_reward``, ``advantages``, ``returns`` (each ``(B, T)``) and ``scores`` ``(B,)``; with
             frozen trunks also ``policy_hidden`` / ``value_hidden`` ``(B, Q+T, H)``, reused by every PPO epoch.
         """
@@ -202,29 +242,32 @@ class PPOModule(PolicyValidation, StageModule):
         values, scores = torch.cat(values), torch.cat(scores)  # (B, T), (B,)
         trunks = {"policy_hidden": policy_hidden, "value_hidden": value_hidden}
         trunks = {key: torch.cat(parts) for key, parts in trunks.items() if parts[0] is not None}
-        # 4. no EOS -> penalty score (P3); mask positions after the last real token (P4)
-        last_index = first_true_indices(postprocessed == pad) - 1  # (B,) index of EOS / last token
+        # 4. no EOS -> penalty score (P3); policy positions after the last real token L are masked (P4), values
+        #    after L + 1 with the N+ score position (padding_mask_p1, P5)
+        last_index = first_true_indices(postprocessed == pad) - 1  # (B,) index L of EOS / last token
         if hp.non_eos_penalty:
             scores = penalize_missing_eos(scores, postprocessed, eos, hp.penalty_reward_value)
-        positions = torch.arange(postprocessed.size(1), device=queries.device).unsqueeze(0)  # (1, T)
-        padding_mask = positions > last_index.unsqueeze(1)  # (B, T) true on pads
+        response_length = postprocessed.size(1)
+        padding_mask, value_padding_mask = response_padding_masks(last_index, response_length, hp.score_position)  # (B, T)
         logprobs = logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
         ref_logprobs = ref_logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
-        values = values.masked_fill(padding_mask, 0.0)
+        values = values.masked_fill(value_padding_mask, 0.0)
         # PPO-max (off by default): running score normalisation / scaling, clipping
         shaped_scores = self.shape_scores(scores)
-        # 5. rewards: per-token KL penalty, RM score on the last token (P5)
-        rewards, kl, non_score_reward = kl_penalty_rewards(logprobs, ref_logprobs, shaped_scores, last_index, hp.kl_coef)
-        if hp.whiten_rewards:  # P6 (off by default)
-            rewards = masked_whiten(rewards, ~padding_mask, shift_mean=False, all_reduce=self._all_reduce)
-            rewards = rewards.masked_fill(padding_mask, 0.0)
-        # 6. advantages and returns: GAE (P7), advantages whitened over the global batch (P6)
+        # 5. rewards: per-token KL penalty, RM score at L + 1 (N+) or L (P5)
+        score_index = score_indices(last_index, response_length, hp.score_position)  # (B,)
+        rewards, kl, non_score_reward = kl_penalty_rewards(logprobs, ref_logprobs, shaped_scores, score_index, self.kl_controller.value)
+        if hp.whiten_rewards:  # P6 (off by default), over the value mask
+            rewards = masked_whiten(rewards, ~value_padding_mask, shift_mean=False, all_reduce=self._whitening_all_reduce)
+            rewards = rewards.masked_fill(value_padding_mask, 0.0)
+        # 6. advantages and returns: GAE (P7); advantages whitened over the policy mask with the biased variance,
+        #    per process (N+) or over the global batch (P6)
         advantages, returns = gae_advantages(rewards, values, hp.gamma, hp.lam)
-        advantages = masked_whiten(advantages, ~padding_mask, all_reduce=self._all_reduce).masked_fill(padding_mask, 0.0)
+        advantages = masked_whiten(advantages, ~padding_mask, all_reduce=self._whitening_all_reduce).masked_fill(padding_mask, 0.0)
         return {
             "query_responses": query_responses, "responses": responses, "padding_mask": padding_mask,
-            "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "scores": scores,
-            "rewards": rewards, "kl": kl, "non_score_reward": non_score_reward,
+            "value_padding_mask": value_padding_mask, "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values,
+            "scores": scores, "rewards": rewards, "kl": kl, "non_score_reward": non_score_reward,
             "advantages": advantages, "returns": returns, **trunks,
         }
 
@@ -258,7 +301,8 @@ class PPOModule(PolicyValidation, StageModule):
                 advantages = data["advantages"].clone()  # PPO-max: re-normalised over the minibatch (off by default)
                 if hp.advantage_norm or hp.advantage_clip is not None:
                     advantages[mini] = minibatch_advantages(
-                        data["advantages"][mini], ~data["padding_mask"][mini], hp.advantage_norm, hp.advantage_clip, self._all_reduce
+                        data["advantages"][mini], ~data["padding_mask"][mini], hp.advantage_norm, hp.advantage_clip,
+                        self._whitening_all_reduce,
                     )
                 micro_batches = mini.split(micro_batch_size)
                 for index, micro in enumerate(micro_batches):
@@ -272,11 +316,17 @@ class PPOModule(PolicyValidation, StageModule):
                     self.manual_backward(loss)
                     for key, value in step_stats.items():
                         stats.setdefault(key, []).append(value)
+                if value_only:  # AdamW skips parameters without a gradient: no weight decay on the policy either
+                    for param in self.policy.parameters():
+                        param.grad = None
                 if hp.max_grad_norm is not None:
                     self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
                 optimizer.zero_grad()
         self.log_update(data, stats, batch_size, batch_idx)
+        if hp.kl_target is not None:  # adaptive KL (Ziegler et al. 2019): the global batch's mean KL per episode
+            mean_kl = self.trainer.strategy.reduce(data["kl"].sum(1).mean(), reduce_op="mean")
+            self.kl_controller.update(float(mean_kl), n_steps=batch_size * self.trainer.world_size)
         if hp.anneal_lr:
             scheduler.step()
 
@@ -290,9 +340,12 @@ class PPOModule(PolicyValidation, StageModule):
         self, data: dict[str, torch.Tensor], rows: torch.Tensor, context_length: int, value_only: bool = False
     ) -> tuple[torch.Tensor, dict]:
         """``policy loss + vf_coef * value loss - entropy_coef * entropy`` on the rollout rows ``rows`` (recipe P8),
-        and detached stats; ``value_only`` (critic pre-training) keeps the value term alone."""
+        and detached stats; ``value_only`` (critic pre-training) keeps the value term alone.
+
+        Each term is a masked mean over these rows alone: the policy loss and entropy over the policy mask, the value
+        loss over the value mask (positions up to ``L + 1`` with the N+ score position, P5)."""
         hp = self.hparams
-        padding_mask = data["padding_mask"][rows]  # (b, T)
+        padding_mask, value_padding_mask = data["padding_mask"][rows], data["value_padding_mask"][rows]  # (b, T)
         mask = ~padding_mask
         query_responses = data["query_responses"][rows]  # (b, Q+T)
         policy_hidden = data["policy_hidden"][rows] if "policy_hidden" in data else None  # (b, Q+T, H): frozen trunk
@@ -302,9 +355,11 @@ class PPOModule(PolicyValidation, StageModule):
             policy, query_responses, context_length, pad, hp.temperature, return_entropy=True, hidden=policy_hidden
         )
         new_logprobs = new_logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
-        new_values = self.values(query_responses, context_length, hidden=value_hidden).masked_fill(padding_mask, 0.0)
+        new_values = self.values(query_responses, context_length, hidden=value_hidden).masked_fill(value_padding_mask, 0.0)
         pg_loss, pg_stats = ppo_policy_loss(new_logprobs, data["logprobs"][rows], data["advantages"][rows], mask, hp.cliprange)
-        vf_loss, vf_stats = ppo_value_loss(new_values, data["values"][rows], data["returns"][rows], mask, hp.cliprange_value)
+        vf_loss, vf_stats = ppo_value_loss(
+            new_values, data["values"][rows], data["returns"][rows], ~value_padding_mask, hp.cliprange_value
+        )
         entropy = entropy if hp.entropy_coef else entropy.detach()  # no backward through it unless it is used
         mean_entropy = masked_mean(entropy, mask)
         stats = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/entropy": mean_entropy.detach()}
@@ -337,6 +392,7 @@ class PPOModule(PolicyValidation, StageModule):
             # PPO-max monitoring: perplexity of the responses under the sampling distribution (temperature-scaled, P4)
             "objective/perplexity": torch.exp(masked_mean(-data["logprobs"], mask)),
             "lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
+            "objective/kl_coef": torch.tensor(self.kl_controller.value),  # the coefficient of this update's rewards
         }
         if "loss/ptx" in stats:
             metrics["loss/ptx"] = mean("loss/ptx")

@@ -39,7 +39,7 @@ class RewardModule(StageModule):
         model: the SFT checkpoint whose transformer becomes the backbone (recipe R1).
         lr: AdamW learning rate (recipe R4: 3e-6), cosine to 0.
         eps: AdamW epsilon (1e-5).
-        weight_decay: AdamW weight decay.
+        weight_decay: AdamW weight decay (0.01, PyTorch's default, as in every N+ stage).
         normalize: compute the R5 bias after training.
         padding_rtol: tolerance of the R7 padding check (1e-2); a larger difference is logged as a warning.
         trainable_layers: train only the top N blocks plus the head (``None`` = all).
@@ -50,7 +50,7 @@ class RewardModule(StageModule):
         model: str = "smollm2-135m",
         lr: float = 3e-6,
         eps: float = 1e-5,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.01,
         normalize: bool = True,
         padding_rtol: float = 1e-2,
         trainable_layers: Optional[int] = None,

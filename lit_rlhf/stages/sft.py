@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 from torchmetrics.text.rouge import ROUGEScore
 
-from lit_rlhf.algorithms import sequence_cross_entropy
+from lit_rlhf.algorithms import LOSS_NORMALIZATIONS, sequence_cross_entropy
 from lit_rlhf.models.forward import generate, model_inputs
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lit_rlhf.stages.common import StageModule, decode_query, decode_responses, freeze_bottom_layers
@@ -20,7 +20,7 @@ class SFTModule(StageModule):
         model: base causal LM: hub name, local Hugging Face directory or ``smollm2-135m`` (packaged default).
         lr: AdamW learning rate (recipe: 3e-6), cosine to 0 without warm-up.
         eps: AdamW epsilon (recipe: 1e-5).
-        weight_decay: AdamW weight decay.
+        weight_decay: AdamW weight decay (0.01, PyTorch's default, as N+).
         response_length: new tokens sampled for ROUGE (recipe: 53).
         temperature: sampling temperature for ROUGE samples (recipe: 0.01, near-greedy).
         rouge_batches: validation batches that also sample for ROUGE (``None`` = all, 0 = none).
@@ -29,6 +29,10 @@ class SFTModule(StageModule):
         response_only_loss: average the loss over reference-summary tokens (EOS included) only. Off by default:
             the recipe trains on the whole sequence. Small runs learn the "summary + EOS" format much faster
             with it, since the query is ~85% of the tokens.
+        loss_normalization: ``"sequence"`` (N+): the mean over each row's tokens, then over rows, so long and short
+            rows weigh the same (N+ trains micro-batches of one row with 16 accumulation steps); ``"token"``: the
+            mean over every token of the batch, so long rows weigh more
+            (:func:`~lit_rlhf.algorithms.sequence_cross_entropy`).
     """
 
     def __init__(
@@ -36,15 +40,18 @@ class SFTModule(StageModule):
         model: str = "smollm2-135m",
         lr: float = 3e-6,
         eps: float = 1e-5,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.01,
         response_length: int = 53,
         temperature: float = 0.01,
         rouge_batches: Optional[int] = None,
         num_samples: int = 8,
         trainable_layers: Optional[int] = None,
         response_only_loss: bool = False,
+        loss_normalization: str = "sequence",
     ) -> None:
         super().__init__()
+        if loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got '{loss_normalization}'")
         self.save_hyperparameters()
         self.rouge = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))
         self.validation_samples: list[dict[str, Any]] = []
@@ -57,7 +64,8 @@ class SFTModule(StageModule):
             self.policy = freeze_bottom_layers(load_causal_lm(self.hparams.model), self.hparams.trainable_layers)
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Mean next-token cross-entropy over the batch's real tokens (or response tokens only, see the flag)."""
+        """Next-token cross-entropy over the batch's real tokens (or response tokens only), weighted per
+        ``loss_normalization``."""
         pad = self.tokenizer.pad_token_id
         inputs = model_inputs(batch["input_ids"], pad)
         logits = self.policy(**inputs).logits  # (B, L, V)
@@ -66,7 +74,7 @@ class SFTModule(StageModule):
             query_lengths = (batch["query_ids"] != pad).sum(1, keepdim=True)  # (B, 1)
             positions = torch.arange(target_mask.size(1), device=target_mask.device).unsqueeze(0)
             target_mask = target_mask & (positions >= query_lengths)
-        return sequence_cross_entropy(logits, inputs["input_ids"], target_mask)
+        return sequence_cross_entropy(logits, inputs["input_ids"], target_mask, self.hparams.loss_normalization)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
