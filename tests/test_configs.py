@@ -1,0 +1,52 @@
+"""The paper configs (``configs/tldr/*``): they parse through the CLI and carry the N+ code's behaviour."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from lit_rlhf.cli import main
+
+PAPER = ROOT / "configs" / "tldr"
+SIZES = ("pythia-1b", "pythia-2.8b", "pythia-6.9b")
+STAGES = {"sft": "sft", "rm": "rm", "ppo": "ppo", "dpo": "dpo"}
+#: N+ rows per PPO micro-batch (recipe P8), with 64 rows per GPU.
+MICRO_BATCH = {"pythia-1b": 16, "pythia-2.8b": 4, "pythia-6.9b": 1}
+
+
+def load(size: str, stage: str) -> dict:
+    return yaml.safe_load((PAPER / size / f"{stage}.yaml").read_text())
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("stage", STAGES)
+def test_paper_config_parses(size, stage, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([STAGES[stage], "fit", "--config", str(PAPER / size / f"{stage}.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["weight_decay"] == 0.01  # every N+ stage: PyTorch's AdamW default
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_paper_configs_use_the_n_plus_behaviour(size):
+    sft, rm, ppo, dpo = (load(size, stage) for stage in ("sft", "rm", "ppo", "dpo"))
+    assert sft["model"]["loss_normalization"] == "sequence"  # a mean per sequence
+    for config in (rm, dpo):
+        assert config["data"]["cnndm_query_length"] == 1919  # D3
+    assert dpo["model"]["beta"] == 0.05 and dpo["data"]["sft_path"] is None
+    model = ppo["model"]
+    assert model["score_position"] == "after_eos" and model["whitening_scope"] == "rank"  # P5, P6
+    assert model["eval_temperature"] == 0.01 and model["kl_target"] is None and model["kl_coef"] == 0.05  # P8, P5
+    assert not model["whiten_rewards"]
+    assert ppo["data"]["batch_size"] == 64 and model["num_mini_batches"] == 1
+    assert model["micro_batch_size"] == MICRO_BATCH[size]  # P8: 64 / micro = the N+ accumulation steps
+
+
+def test_every_paper_stage_has_a_config():
+    assert sorted(path.name for path in Path(PAPER).iterdir()) == sorted(SIZES)
+    for size in SIZES:
+        assert sorted(p.stem for p in (PAPER / size).glob("*.yaml")) == sorted(STAGES)
