@@ -1,23 +1,155 @@
-"""Lightning callbacks: Hugging Face export, sample tables in TensorBoard, validation results on disk."""
+"""Lightning callbacks: resumable checkpoints with preemption handling, Hugging Face export, sample tables in
+TensorBoard, validation results on disk."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+#: signals that stop a run at the next safe point (SIGUSR1: SLURM's usual requeue signal, ``--signal=B:USR1@90``)
+PREEMPTION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+
+
+def replace_path(new: Path, target: Path) -> None:
+    """Move ``new`` (a file or directory) to ``target`` so that ``target`` is at every moment absent, the old
+    version or the complete new one: renames within one directory, the old version removed last."""
+    new, target = Path(new), Path(target)
+    old = None
+    if target.is_dir() and not target.is_symlink():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_leftovers(directory: Path, patterns: tuple[str, ...], what: str) -> list[Path]:
+    """Delete what a killed run left half-written in ``directory`` (glob ``patterns``) and warn about it."""
+    found = sorted(path for pattern in patterns for path in Path(directory).glob(pattern)) if Path(directory).is_dir() else []
+    for path in found:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if found:
+        rank_zero_warn(f"removed {len(found)} half-written {what} left by an interrupted run: {', '.join(map(str, found))}")
+    return found
+
+
+class StageCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` made for runs that get killed (resumable with ``--ckpt_path last``).
+
+    * **One place per stage.** ``dirpath`` defaults to ``{trainer.default_root_dir}/checkpoints``, whatever the
+      logger's version folder, so a new run finds the last one's ``last.ckpt``; ``last.ckpt`` is overwritten, not
+      versioned.
+    * **The stage's own unit.** ``every_n_updates`` counts PPO updates (training batches; a stage with
+      ``optimizer_steps_per_update`` has that many optimiser steps per update), ``every_n_train_steps`` optimiser
+      steps (SFT, RM, DPO), ``every_n_epochs`` epochs (online DPO: iterations).
+    * **Never half-written.** A checkpoint is written to ``{name}.partial`` and renamed into place; ``*.partial``
+      files a killed run left are removed (with a warning) when the next run starts.
+    * **Preemption.** During ``fit``, SIGTERM, SIGINT and SIGUSR1 (SLURM's requeue signal) stop the run at the next
+      safe point (the end of the current training batch, i.e. PPO update or optimiser step), where ``last.ckpt`` is
+      written; the run then exits with code ``128 + signal`` (``lit_rlhf.cli``). A second SIGINT stops at once.
+      Lightning's own SIGTERM handling raises at that point; SIGINT and SIGUSR1 are routed to it.
+
+    Args:
+        every_n_updates: checkpoint every N training batches of a stage with ``optimizer_steps_per_update``
+            (PPO: N updates). Exclusive with ``every_n_train_steps``.
+        handle_signals: catch the preemption signals as above.
+        (others): as ``ModelCheckpoint``; ``save_last`` defaults to ``True`` and ``save_top_k`` to 0.
+    """
+
+    #: the signal that stopped the last run in this process (``None`` when none did), read by the CLI
+    received_signal: Optional[int] = None
+
+    def __init__(
+        self,
+        dirpath: Optional[str] = None,
+        filename: Optional[str] = None,
+        every_n_updates: Optional[int] = None,
+        every_n_train_steps: Optional[int] = None,
+        every_n_epochs: Optional[int] = None,
+        save_last: bool = True,
+        save_top_k: int = 0,
+        save_on_train_epoch_end: Optional[bool] = None,
+        handle_signals: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if every_n_updates is not None and (every_n_updates < 1 or every_n_train_steps):
+            raise ValueError(f"every_n_updates must be >= 1 and exclusive with every_n_train_steps, got {every_n_updates}")
+        super().__init__(
+            dirpath=dirpath, filename=filename, save_last=save_last, save_top_k=save_top_k,
+            every_n_train_steps=every_n_train_steps, every_n_epochs=every_n_epochs,
+            save_on_train_epoch_end=save_on_train_epoch_end, enable_version_counter=False, **kwargs,
+        )
+        self.every_n_updates, self.handle_signals = every_n_updates, handle_signals
+        self._previous_handlers: dict[int, Any] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+        super().setup(trainer, pl_module, stage)
+        if self.every_n_updates is not None:
+            self._every_n_train_steps = self.every_n_updates * getattr(pl_module, "optimizer_steps_per_update", 1)
+        if trainer.is_global_zero:
+            remove_leftovers(Path(self.dirpath), ("*.partial",), "checkpoints")
+        if stage == "fit" and self.handle_signals:
+            StageCheckpoint.received_signal = None
+            for signum in PREEMPTION_SIGNALS:
+                self._previous_handlers[signum] = signal.signal(signum, self._make_handler(trainer))
+
+    def _make_handler(self, trainer: L.Trainer) -> Any:
+        def handler(signum: int, frame: Any) -> None:
+            if signum == signal.SIGINT and StageCheckpoint.received_signal is not None:
+                raise KeyboardInterrupt  # a second Ctrl+C: stop now
+            StageCheckpoint.received_signal = signum
+            trainer._signal_connector.received_sigterm = True  # Lightning stops at the end of the batch
+            launcher = trainer.strategy.launcher
+            if signum != signal.SIGTERM and launcher is not None and trainer.is_global_zero:
+                launcher.kill(signum)  # the other local ranks (Lightning forwards SIGTERM itself)
+
+        return handler
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for signum, previous in self._previous_handlers.items():
+            signal.signal(signum, previous)
+        self._previous_handlers = {}
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """On a preemption stop (never on an error): write ``last.ckpt`` at the safe point the run stopped at."""
+        if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == "fit":
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            rank_zero_warn(f"preempted: wrote {self.last_model_path}; resume with --ckpt_path last")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``last.ckpt`` is the end state of a completed fit (``ModelCheckpoint`` keeps the last periodic one)."""
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        partial = f"{filepath}.partial"
+        super()._save_checkpoint(trainer, partial)
+        if trainer.is_global_zero and os.path.exists(partial):
+            replace_path(Path(partial), Path(filepath))
+        trainer.strategy.barrier("stage_checkpoint")
+        self._last_checkpoint_saved = filepath
 
 
 class HFExport(L.Callback):
     """Save the stage's model in Hugging Face format at the end of ``fit`` (the next stage's input).
 
     The stage module provides ``save_hf(directory)``. The export is written to a temporary sibling directory
-    and renamed into place, so ``dirpath`` is either absent, the previous export, or a complete new one.
+    and renamed into place, so ``dirpath`` is either absent, the previous export, or a complete new one; the
+    temporary directories a killed run left are removed (with a warning) when the next run starts. The exported
+    weights are checked first: an export never contains a NaN or an infinity.
 
     With ``every_epoch`` it also exports after each training epoch to ``{dirpath}/../epochs/epoch-{N}``, the
     per-iteration checkpoints of online iterative DPO (one epoch per iteration).
@@ -31,36 +163,41 @@ class HFExport(L.Callback):
         self.dirpath = Path(dirpath) if dirpath else None
         self.every_epoch = every_epoch
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.default_root_dir) / "model"
+        if trainer.is_global_zero:
+            name = self.dirpath.name
+            remove_leftovers(self.dirpath.parent, (f".{name}.tmp-*", f".{name}.old-*"), "exports")
+            remove_leftovers(self.dirpath.parent / "epochs", (".epoch-*.tmp-*", ".epoch-*.old-*"), "exports")
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.every_epoch:
             return
-        if self.dirpath is None:
-            self.dirpath = Path(trainer.default_root_dir) / "model"
         if trainer.global_rank == 0:
             self.export(pl_module, self.dirpath.parent / "epochs" / f"epoch-{trainer.current_epoch}")
         trainer.strategy.barrier("hf_export_epoch")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.dirpath is None:
-            self.dirpath = Path(trainer.default_root_dir) / "model"
         if trainer.global_rank == 0:
             self.export(pl_module)
         trainer.strategy.barrier("hf_export")
 
     def export(self, pl_module: Any, dirpath: Optional[Path] = None) -> Path:
-        """Write ``pl_module.save_hf`` output atomically to ``dirpath`` (default :attr:`dirpath`)."""
+        """Write ``pl_module.save_hf`` output atomically to ``dirpath`` (default :attr:`dirpath`).
+
+        Raises:
+            FloatingPointError: naming the tensor, if the exported model holds a NaN or infinity (nothing is written).
+        """
         dirpath = Path(dirpath or self.dirpath)
+        for name, tensor in pl_module.exported_model().state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise FloatingPointError(f"not exporting to {dirpath}: {name} holds a NaN or infinity")
         dirpath.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dirpath.name}.tmp-", dir=dirpath.parent))
         try:
             pl_module.save_hf(tmp)
-            old = None
-            if dirpath.exists():
-                old = dirpath.with_name(f".{dirpath.name}.old-{os.getpid()}")
-                os.replace(dirpath, old)
-            os.replace(tmp, dirpath)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            replace_path(tmp, dirpath)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return dirpath

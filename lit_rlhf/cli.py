@@ -2,6 +2,11 @@
 
 Every knob is a typed ``__init__`` argument of the stage's LightningModule or DataModule, so
 ``lit-rlhf sft fit --print_config`` documents them all. The data's tokenizer is linked to the stage's model.
+
+``--ckpt_path last`` resumes from the newest checkpoint (``*.ckpt``) under the stage's ``trainer.default_root_dir``
+and its checkpoint callbacks' directories, whichever run wrote it; with none there it stops with an error saying
+where it looked. A run stopped by a preemption signal (:class:`~lit_rlhf.callbacks.StageCheckpoint`) exits with
+``128 + signal`` (143 for SIGTERM) after writing ``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -9,10 +14,13 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit_rlhf.callbacks import StageCheckpoint
 from lit_rlhf.data.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from lit_rlhf.stages.dpo import DPOModule
 from lit_rlhf.stages.online_dpo import OnlineDPOModule
@@ -30,10 +38,38 @@ STAGES = {
 }
 
 
+def last_checkpoint(directories: list[Path]) -> Path:
+    """The newest ``*.ckpt`` (by modification time) under ``directories``, searched recursively.
+
+    Raises:
+        FileNotFoundError: naming the directories, when none holds a checkpoint.
+    """
+    candidates = [path for directory in directories if directory.is_dir() for path in directory.rglob("*.ckpt")]
+    if not candidates:
+        where = ", ".join(str(directory) for directory in dict.fromkeys(directories))
+        raise FileNotFoundError(f"--ckpt_path last: no checkpoint (*.ckpt) under {where}; run without --ckpt_path to start afresh")
+    return max(candidates, key=lambda path: path.stat().st_mtime)
+
+
 def _stage_cli(tokenizer_source: str) -> type[LightningCLI]:
     class StageCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
             parser.link_arguments(tokenizer_source, "data.tokenizer")
+
+        def before_fit(self) -> None:
+            self.model.check_datamodule(self.datamodule)  # before any model or data is loaded
+            self._resolve_last_checkpoint()
+
+        def _resolve_last_checkpoint(self) -> None:
+            config = self.config_init[self.subcommand]
+            if config.get("ckpt_path") != "last":
+                return
+            directories = [Path(self.trainer.default_root_dir)]
+            directories += [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+            config["ckpt_path"] = str(last_checkpoint(directories))
+            print(f"--ckpt_path last: resuming from {config['ckpt_path']}", file=sys.stderr)
+
+        before_validate = before_test = _resolve_last_checkpoint
 
     return StageCLI
 
@@ -49,16 +85,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     module, datamodule, tokenizer_source = STAGES[argv[0]]
     # sys.argv stays whole: Lightning's DDP launcher re-runs `sys.argv` for the other ranks, stage included.
     # The arguments go in explicitly, so LightningCLI's warning about args *and* sys.argv does not apply.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        _stage_cli(tokenizer_source)(
-            module,
-            datamodule,
-            args=argv[1:],
-            parser_kwargs={"prog": f"lit-rlhf {argv[0]}"},
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-        )
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            _stage_cli(tokenizer_source)(
+                module,
+                datamodule,
+                args=argv[1:],
+                parser_kwargs={"prog": f"lit-rlhf {argv[0]}"},
+                save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False,
+            )
+    except SIGTERMException:  # a preemption signal stopped the run at a safe point, after writing last.ckpt
+        signum = StageCheckpoint.received_signal or 15
+        print(f"lit-rlhf {argv[0]}: stopped by signal {signum}; resume with --ckpt_path last", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
 
 
 if __name__ == "__main__":

@@ -90,10 +90,10 @@ def last_record(run_dir: Path, fn: str) -> dict[str, Any]:
 
 
 def last_checkpoint(root: Path, stage: str) -> Path:
-    """The newest ``last.ckpt`` ModelCheckpoint wrote under ``root/tensorboard/{stage}/version_*/checkpoints``."""
-    candidates = sorted((root / "tensorboard" / stage).glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    assert candidates, f"no last.ckpt under {root / 'tensorboard' / stage}"
-    return candidates[-1]
+    """The ``last.ckpt`` :class:`lit_rlhf.callbacks.StageCheckpoint` wrote in ``root/{stage}/checkpoints``."""
+    path = root / stage / "checkpoints" / "last.ckpt"
+    assert path.is_file(), f"no {path}"
+    return path
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

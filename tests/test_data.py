@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from conftest import COMPARISON_DATA, SFT_DATA
 
-from lit_rlhf.data.datamodules import PreferenceDataModule, PromptDataModule, RepeatedShuffleSampler, SFTDataModule
+from lit_rlhf.data.datamodules import (
+    EpochShuffleSampler,
+    PreferenceDataModule,
+    PromptDataModule,
+    RepeatedShuffleSampler,
+    SFTDataModule,
+)
 from lit_rlhf.data.formatting import (
     CNNDM_QUERY_LENGTH,
     CNNDM_TEMPLATE,
     TLDR_TEMPLATE,
     build_preference_example,
     build_sft_example,
+    comparison_problem,
     completion_ids,
     format_query_ids,
     pad,
     trim_padding,
 )
-from lit_rlhf.data.io import load_split, validate_jsonl
+from lit_rlhf.data.io import HUB_NAME_EXAMPLE, load_split, validate_jsonl
 from lit_rlhf.models.forward import model_inputs
 
 PAD_ID = 49152  # SmolLM2 has 49,152 tokens; [PAD] is appended after them (D6)
@@ -42,8 +51,8 @@ def write_jsonl(path: Path, rows: list, raw_lines: list[str] = ()) -> Path:
     return path
 
 
-def sft_row(i: int, summary="a short summary") -> dict:
-    return {"id": f"s{i}", "subreddit": "test", "title": f"title {i}", "post": f"post {i}", "summary": summary}
+def sft_row(i: int, summary="a short summary", title=None) -> dict:
+    return {"id": f"s{i}", "subreddit": "test", "title": title or f"title {i}", "post": f"post {i}", "summary": summary}
 
 
 def comparison_row(i: int, choice=0, **over) -> dict:
@@ -298,8 +307,8 @@ def test_build_preference_example_cnndm_query_budget(tokenizer):
         ({"choice": None}, KeyError, "choice"),
         ({"info": None}, KeyError, "info"),
         ({"summaries": None}, KeyError, "summaries"),
-        ({"choice": 2}, ValueError, "choice=2"),
-        ({"summaries": [{"text": " only one"}]}, ValueError, "two summaries"),
+        ({"choice": 2}, ValueError, "'choice' must be 0 or 1, got 2"),
+        ({"summaries": [{"text": " only one"}]}, ValueError, "exactly 2 summaries, got 1 entries"),
         ({"summaries": [{"text": " a"}, {"policy": "b"}]}, KeyError, r"summaries\[\]\.text"),
     ],
 )
@@ -360,6 +369,28 @@ def test_repeated_shuffle_sampler():
     assert list(RepeatedShuffleSampler(20, 50, seed=3)) == order  # same seed, same order (P11)
     assert list(RepeatedShuffleSampler(20, 50, seed=4)) != order
     assert list(RepeatedShuffleSampler(20, 7, seed=3)) == order[:7]
+
+
+def test_epoch_shuffle_sampler_replays_dataloader_shuffle():
+    """Each epoch's order is the one DataLoader(shuffle=True, seeded generator) gives in that epoch."""
+    loader = torch.utils.data.DataLoader(range(10), batch_size=1, shuffle=True, generator=torch.Generator().manual_seed(7))
+    sampler = EpochShuffleSampler(10, seed=7)
+    for epoch in range(3):
+        expected = [int(batch) for batch in loader]
+        sampler.set_epoch(epoch)
+        assert list(sampler) == expected
+    assert len(sampler) == 10
+
+
+def test_epoch_shuffle_sampler_reads_the_epoch_at_the_first_draw():
+    """Lightning creates the loader's iterator before it calls set_epoch: the order must follow the later epoch."""
+    sampler = EpochShuffleSampler(10, seed=7)
+    iterator = iter(sampler)
+    sampler.set_epoch(1)
+    drawn = list(iterator)
+    epoch_1 = EpochShuffleSampler(10, seed=7)
+    epoch_1.set_epoch(1)
+    assert drawn == list(epoch_1) != list(EpochShuffleSampler(10, seed=7))  # epoch 1's order, not epoch 0's
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -537,8 +568,10 @@ def test_preference_normalization_needs_sft_path():
 
 
 def test_datamodule_rejects_nonpositive_batch_sizes():
-    with pytest.raises(ValueError, match="batch sizes"):
+    with pytest.raises(ValueError, match="SFTDataModule: batch_size=0 is invalid: it must be > 0"):
         SFTDataModule(path=str(SFT_DATA), batch_size=0)
+    with pytest.raises(ValueError, match="eval_batch_size=-1"):
+        PreferenceDataModule(path=str(SFT_DATA), eval_batch_size=-1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -657,14 +690,13 @@ def test_preference_datamodule_row_lacking_choice(tmp_path, tokenizer, default_m
         dm.setup("fit")
 
 
-def test_preference_datamodule_null_choice_reaches_the_builder(tmp_path, tokenizer, default_model_dir):
+def test_preference_datamodule_null_choice_names_file_and_line(tmp_path, tokenizer, default_model_dir):
     write_jsonl(tmp_path / "train.jsonl", [comparison_row(0), comparison_row(1, choice=None)])
     write_jsonl(tmp_path / "validation.jsonl", [comparison_row(2)])
     dm = PreferenceDataModule(path=str(tmp_path), tokenizer=str(default_model_dir), sft_path=None)
     dm.tokenizer = tokenizer
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match=r"train\.jsonl:2: field 'choice' must be 0 or 1, got None"):
         dm.setup("fit")
-    assert "row id=c1" in str(info.value) and "choice" in str(info.value)
 
 
 def test_datamodule_fails_when_no_row_fits(tmp_path, tokenizer, default_model_dir):
@@ -674,3 +706,73 @@ def test_datamodule_fails_when_no_row_fits(tmp_path, tokenizer, default_model_di
     dm.tokenizer = tokenizer
     with pytest.raises(ValueError, match="no sft/train row fits"):
         dm.setup("fit")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bad input (issue 8): each names the file and line, or the field
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_comparison_with_other_than_two_summaries_names_file_line_and_count(tmp_path, count):
+    bad = comparison_row(1)
+    bad["summaries"] = [{"text": f" summary {i}"} for i in range(count)]
+    write_jsonl(tmp_path / "train.jsonl", [comparison_row(0), bad])
+    with pytest.raises(ValueError, match=rf"train\.jsonl:2: field 'summaries' must hold exactly 2 summaries, got {count} entries"):
+        load_split(str(tmp_path), "train", ["info", "summaries", "choice"], check=comparison_problem)
+
+
+def test_comparison_summaries_not_a_list(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [comparison_row(0, summaries="two")])
+    with pytest.raises(ValueError, match=r"train\.jsonl:1: field 'summaries' must hold exactly 2 summaries, got a str"):
+        validate_jsonl(tmp_path / "train.jsonl", ["summaries"], comparison_problem)
+
+
+def test_jsonl_file_as_data_path_says_to_pass_its_directory(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [sft_row(0)])
+    with pytest.raises(FileNotFoundError) as info:
+        load_split(str(path), "train", ["summary"])
+    message = str(info.value)
+    assert f"data path {path} is a file" in message and f"({tmp_path})" in message
+
+
+def test_missing_relative_path_is_reported_before_any_hub_lookup(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: pytest.fail("the hub was consulted"))
+    for source in ("data/tldr/sft", "./sft", "../sft", "sft/train.jsonl"):
+        with pytest.raises(FileNotFoundError) as info:
+            load_split(source, "train", ["summary"])
+        message = str(info.value)
+        assert f"data directory {source} does not exist" in message, message
+        assert str(tmp_path) in message and f"a hub dataset name looks like '{HUB_NAME_EXAMPLE}'" in message
+
+
+def test_hub_like_name_neither_local_nor_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as info:
+        load_split("nobody/no-such-dataset", "train", ["summary"])  # offline in the tests: the lookup fails
+    message = str(info.value)
+    assert "no such local directory" in message and str(tmp_path) in message and "hub dataset" in message
+
+
+def test_non_utf8_byte_names_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [sft_row(0)])
+    with path.open("ab") as handle:
+        handle.write(b'{"id": "s1", "summary": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match=r"train\.jsonl:2: not UTF-8 text \(byte 0xe9 at byte 29 of the line\)"):
+        validate_jsonl(path, ["summary"])
+
+
+def test_post_whose_title_alone_does_not_fit_is_dropped_and_counted(tmp_path, tokenizer, default_model_dir, caplog):
+    long_title = sft_row(1, title="a very long title " * 30)
+    write_jsonl(tmp_path / "train.jsonl", [sft_row(0), long_title, sft_row(2), sft_row(3, summary="word " * 80)])
+    write_jsonl(tmp_path / "validation.jsonl", [sft_row(4)])
+    dm = SFTDataModule(path=str(tmp_path), tokenizer=str(default_model_dir), query_length=128, response_length=53, max_length=181)
+    dm.tokenizer = tokenizer
+    with caplog.at_level(logging.WARNING, logger="lit_rlhf.data.datamodules"):
+        dm.setup("fit")
+    assert dm.splits["train"]["reference"] == [sft_row(0)["summary"], sft_row(2)["summary"]]
+    assert (
+        "sft/train: dropped 2 of 4 rows: 1 whose response exceeds the fixed length, "
+        "1 whose query does not fit its budget even with an empty post"
+    ) in caplog.text

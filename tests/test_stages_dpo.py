@@ -40,7 +40,7 @@ def test_dpo_fit_moves_implicit_rewards_and_exports(tiny_model_dir, tmp_path):
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert torch.equal(policy.model.layers[0].mlp.up_proj.weight, initial.model.layers[0].mlp.up_proj.weight)  # frozen
     assert not torch.equal(policy.model.layers[1].mlp.up_proj.weight, initial.model.layers[1].mlp.up_proj.weight)
-    checkpoint = next((tmp_path / "tensorboard" / "dpo").glob("version_*/checkpoints/last.ckpt"))
+    checkpoint = tmp_path / "dpo" / "checkpoints" / "last.ckpt"
     keys = load_checkpoint(checkpoint)["state_dict"]
     assert any(key.startswith("policy.") for key in keys) and not any(key.startswith("ref_policy.") for key in keys)
 
@@ -61,7 +61,7 @@ def online_run(tmp_path_factory, tiny_model_dir, tiny_reward_dir) -> Path:
 
 
 def iteration_checkpoints(root: Path) -> list[Path]:
-    return sorted((root / "tensorboard" / "online_dpo").glob("version_*/checkpoints/iteration-epoch=*.ckpt"))
+    return sorted((root / "online_dpo" / "checkpoints").glob("iteration-epoch=*.ckpt"))
 
 
 def test_online_dpo_logs_iterations_and_saves_each(online_run, tiny_model_dir):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections import Counter
 from functools import partial
 from typing import Any, Callable, Iterator, Optional
 
@@ -24,7 +25,9 @@ import torch
 from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lit_rlhf.arguments import check_arguments, require
 from lit_rlhf.data import formatting
 from lit_rlhf.data.formatting import CNNDM_QUERY_LENGTH, build_preference_example, build_sft_example, pad, trim_padding
 from lit_rlhf.data.io import load_split
@@ -36,31 +39,55 @@ SFT_FIELDS = ("subreddit", "title", "post", "summary")
 COMPARISON_FIELDS = ("info", "summaries", "choice")
 
 
-def _build(split: datasets.Dataset, builder: Callable, what: str, source: str, shapes: dict[str, set[int]]) -> datasets.Dataset:
-    """Map rows through ``builder`` (``None`` drops the row), log how many were dropped, assert the fixed shapes
-    (recipe D7): every ``*_ids`` column's length is one of ``shapes[column]`` (checked on the first 64 rows)."""
+#: why ``_build`` dropped a row: its code in the ``drop`` column and the wording of the warning
+DROP_REASONS = {1: "whose response exceeds the fixed length", 2: "whose query does not fit its budget even with an empty post"}
+
+
+def _build(
+    split: datasets.Dataset, builder: Callable, what: str, source: str, shapes: dict[str, set[int]], columns: tuple[str, ...]
+) -> datasets.Dataset:
+    """Map rows through ``builder``, drop the rows it rejects, warn with the count of each reason, assert the fixed
+    shapes (recipe D7): every ``*_ids`` column's length is one of ``shapes[column]`` (checked on the first 64 rows).
+
+    ``builder`` returns the example (a dict with ``columns``), ``None`` for a response that is too long, or raises
+    :class:`~lit_rlhf.data.formatting.QueryTooLong` for a query that does not fit even with an empty body (a title
+    alone too long): both rows are dropped, not the run.
+
+    Raises:
+        ValueError: naming the source and the row id, for a row with a missing or invalid field; naming the source,
+            when no row is left.
+    """
 
     def build_rows(rows: dict[str, list]) -> dict[str, list]:
-        out: dict[str, list] = {}
+        out: dict[str, list] = {column: [] for column in (*columns, "drop")}
         for index in range(len(next(iter(rows.values())))):
             row = {key: values[index] for key, values in rows.items()}
             try:
-                example = builder(row)
+                example, drop = builder(row), 0
+            except formatting.QueryTooLong:
+                example, drop = None, 2
             except (KeyError, ValueError) as error:
                 row_id = row.get("id") or (row.get("info") or {}).get("id")
                 raise ValueError(f"{source} ({what}), row id={row_id}: {error}") from None
-            for key, value in (example or {}).items():
-                out.setdefault(key, []).append(value)
+            if example is None:
+                drop = drop or 1
+            for column in columns:
+                out[column].append(example[column] if example is not None else None)
+            out["drop"].append(drop)
         return out
 
     # datasets fingerprints module-level functions by name: add the formatting code itself so that a changed
     # template or layout never reuses a stale cache
-    fingerprint = Hasher.hash([split._fingerprint, what, inspect.getsource(formatting), builder])
+    fingerprint = Hasher.hash([split._fingerprint, what, inspect.getsource(formatting), builder, columns])
     built = split.map(
         build_rows, batched=True, batch_size=1000, remove_columns=split.column_names, desc=f"formatting {what}", new_fingerprint=fingerprint
     )
-    if len(built) < len(split):
-        log.warning("%s: dropped %d of %d rows whose response exceeds the fixed length", what, len(split) - len(built), len(split))
+    drops = Counter(built["drop"])
+    if len(drops) > 1 or 0 not in drops:
+        counts = ", ".join(f"{drops[code]} {reason}" for code, reason in DROP_REASONS.items() if drops[code])
+        log.warning("%s: dropped %d of %d rows: %s", what, len(split) - drops[0], len(split), counts)
+        built = built.filter(lambda codes: [code == 0 for code in codes], input_columns="drop", batched=True)
+    built = built.remove_columns("drop")
     if len(built) == 0:
         raise ValueError(f"{source}: no {what} row fits the configured lengths")
     for column in built.column_names:
@@ -68,6 +95,38 @@ def _build(split: datasets.Dataset, builder: Callable, what: str, source: str, s
             lengths = {len(ids) for ids in built[:64][column]}
             assert lengths <= shapes[column], f"{what}.{column} has lengths {lengths}, expected {shapes[column]}"  # recipe D7
     return built
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A fresh permutation of ``range(num_rows)`` per epoch, a function of ``(seed, epoch)`` alone.
+
+    Epoch ``e`` yields the order ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))`` yields in
+    its ``e``-th epoch (the same random draws, replayed), so switching to this sampler changes no run. Because the
+    order depends on nothing but the seed and the epoch (set by Lightning through :meth:`set_epoch`), a run resumed
+    mid-epoch from a checkpoint sees exactly the batches the uninterrupted run would have seen: the
+    ``StatefulDataLoader`` skips the ones already consumed. The seed is shared by every rank (recipe P11).
+    """
+
+    def __init__(self, num_rows: int, seed: int = 0) -> None:
+        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        # a generator, so the permutation is drawn at the first ``next``: Lightning creates the loader's iterator
+        # before it calls ``set_epoch``
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epoch + 1):
+            # per epoch, torch's DataLoader draws a worker base seed, then RandomSampler one permutation for the
+            # epoch and one (empty slice) for the remainder
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            order = torch.randperm(self.num_rows, generator=generator)
+            torch.randperm(self.num_rows, generator=generator)
+        yield from order.tolist()
+
+    def __len__(self) -> int:
+        return self.num_rows
 
 
 class RepeatedShuffleSampler(Sampler[int]):
@@ -86,6 +145,8 @@ class RepeatedShuffleSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
+        # a generator, so the permutation is drawn at the first ``next``: Lightning creates the loader's iterator
+        # before it calls ``set_epoch``
         generator = torch.Generator().manual_seed(self.seed)
         skip, produced = self.epoch * self.num_samples, 0
         while produced < self.num_samples:
@@ -121,8 +182,10 @@ class _TLDRDataModule(L.LightningDataModule):
         seed: int,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError("batch sizes must be positive")
+        check_arguments(
+            type(self).__name__, locals(),
+            positive=("batch_size", "eval_batch_size", "query_length", "train_samples", "val_samples"), non_negative=("num_workers",),
+        )
         self.path, self.tokenizer_name = path, tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.query_length = query_length
@@ -131,8 +194,11 @@ class _TLDRDataModule(L.LightningDataModule):
         self.tokenizer: Any = None
         self.splits: dict[str, datasets.Dataset] = {}
 
-    def _load(self, split: str, required: tuple[str, ...], limit: Optional[int], hub_config: Optional[str] = None) -> datasets.Dataset:
-        data = load_split(self.path, split, required, hub_config)
+    def _load(
+        self, split: str, required: tuple[str, ...], limit: Optional[int], hub_config: Optional[str] = None,
+        check: Optional[Callable] = None,
+    ) -> datasets.Dataset:
+        data = load_split(self.path, split, required, hub_config, check)
         return data.select(range(min(limit, len(data)))) if limit is not None else data
 
     def _tokenizer(self) -> Any:
@@ -164,15 +230,11 @@ class _TLDRDataModule(L.LightningDataModule):
         return batch
 
     def _loader(self, data: datasets.Dataset, batch_size: int, shuffle: bool = False, sampler: Optional[Sampler] = None) -> DataLoader:
-        return DataLoader(
-            data,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-        )
+        """A resumable loader: torchdata's ``StatefulDataLoader``, whose position Lightning saves in every checkpoint
+        and restores on resume; ``shuffle`` uses :class:`EpochShuffleSampler` (seeded, resumable mid-epoch)."""
+        if shuffle:
+            sampler = EpochShuffleSampler(len(data), self.seed)
+        return StatefulDataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.splits["validation"], self.eval_batch_size)
@@ -219,6 +281,7 @@ class SFTDataModule(_TLDRDataModule):
         seed: int = 1,
     ) -> None:
         super().__init__(path, tokenizer, batch_size, eval_batch_size, query_length, train_samples, val_samples, num_workers, seed)
+        check_arguments(type(self).__name__, locals(), positive=("response_length", "max_length"))
         self.response_length, self.max_length = response_length, max_length
 
     def build(self, split: str, limit: Optional[int]) -> datasets.Dataset:
@@ -230,7 +293,7 @@ class SFTDataModule(_TLDRDataModule):
             max_length=self.max_length,
         )
         shapes = {"query_ids": {self.query_length}, "input_ids": {self.max_length}}
-        return _build(self._load(split, SFT_FIELDS, limit), builder, f"sft/{split}", self.path, shapes)
+        return _build(self._load(split, SFT_FIELDS, limit), builder, f"sft/{split}", self.path, shapes, formatting.SFT_COLUMNS)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit"):
@@ -287,6 +350,11 @@ class PromptDataModule(SFTDataModule):
         super().__init__(
             path, tokenizer, query_length, response_length, max_length,
             batch_size, eval_batch_size, train_samples, val_samples, num_workers, seed,
+        )
+        check_arguments(type(self).__name__, locals(), positive=("total_episodes", "ptx_samples"), non_negative=("ptx_batch_size",))
+        require(
+            type(self).__name__, total_episodes >= batch_size,
+            f"total_episodes={total_episodes} is smaller than batch_size={batch_size}: not one update's worth of prompts",
         )
         self.total_episodes = total_episodes
         self.ptx_batch_size, self.ptx_path, self.ptx_samples = ptx_batch_size, ptx_path, ptx_samples
@@ -362,6 +430,11 @@ class PreferenceDataModule(_TLDRDataModule):
         seed: int = 1,
     ) -> None:
         super().__init__(path, tokenizer, batch_size, eval_batch_size, query_length, train_samples, val_samples, num_workers, seed)
+        check_arguments(
+            type(self).__name__, locals(),
+            positive=("response_length", "max_length", "cnndm_query_length", "cnndm_max_length", "normalization_samples",
+                      "sft_response_length", "sft_max_length"),
+        )
         self.hub_config, self.response_length, self.max_length = hub_config, response_length, max_length
         self.cnndm_query_length = cnndm_query_length
         self.cnndm_max_length = cnndm_max_length if cnndm_max_length is not None else cnndm_query_length + response_length
@@ -384,8 +457,8 @@ class PreferenceDataModule(_TLDRDataModule):
             "query_ids": {self.query_length, self.cnndm_query_length}, "chosen_ids": sequences, "rejected_ids": sequences,
             "chosen_response_ids": responses, "rejected_response_ids": responses,
         }
-        data = self._load(split, COMPARISON_FIELDS, limit, self.hub_config)
-        return _build(data, builder, f"comparisons/{split}", self.path, shapes)
+        data = self._load(split, COMPARISON_FIELDS, limit, self.hub_config, formatting.comparison_problem)
+        return _build(data, builder, f"comparisons/{split}", self.path, shapes, formatting.PREFERENCE_COLUMNS)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit"):

@@ -27,6 +27,11 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+class QueryTooLong(ValueError):
+    """The query does not fit its token budget even with an empty body (a title alone too long): the row is
+    dropped and counted, like a row whose response is too long."""
+
+
 def format_query_ids(tokenizer: Any, info: Mapping[str, Any], query_length: int) -> list[int]:
     """Token ids of the formatted query, cleverly truncated to at most ``query_length`` (recipe D2, D3).
 
@@ -45,7 +50,7 @@ def format_query_ids(tokenizer: Any, info: Mapping[str, Any], query_length: int)
 
     Raises:
         KeyError: naming a missing field.
-        ValueError: when even an empty body does not fit.
+        QueryTooLong: when even an empty body does not fit (the other fields alone exceed ``query_length``).
     """
     if is_cnndm(info):
         template, body_key, keys = CNNDM_TEMPLATE, "article", ("article",)
@@ -62,7 +67,7 @@ def format_query_ids(tokenizer: Any, info: Mapping[str, Any], query_length: int)
             return ids
         body = fields[body_key]
         if not body:
-            raise ValueError(f"query does not fit {query_length} tokens even with an empty '{body_key}'")
+            raise QueryTooLong(f"query does not fit {query_length} tokens even with an empty '{body_key}'")
         newline = body.rfind("\n")
         fields[body_key] = body[:newline] if newline >= 0 else body[:-1]  # N+: the last newline, else one character
 
@@ -88,6 +93,11 @@ def pad(ids: list[int], length: int, pad_id: int, side: str) -> list[int]:
     return padding + ids if side == "left" else ids + padding
 
 
+#: the columns of :func:`build_sft_example`'s and :func:`build_preference_example`'s examples
+SFT_COLUMNS = ("query_ids", "input_ids", "reference")
+PREFERENCE_COLUMNS = ("query_ids", "chosen_ids", "rejected_ids", "chosen_response_ids", "rejected_response_ids", "batch", "confidence")
+
+
 def build_sft_example(
     row: Mapping[str, Any], tokenizer: Any, query_length: int, response_length: int, max_length: int
 ) -> Optional[dict[str, Any]]:
@@ -109,6 +119,19 @@ def build_sft_example(
         "input_ids": pad(query + response, max_length, pad_id, "right"),
         "reference": row["summary"],
     }
+
+
+def comparison_problem(row: Mapping[str, Any]) -> Optional[str]:
+    """What is wrong with a comparison row's ``summaries`` (other than 2 entries, saying how many) or ``choice``
+    (not 0 or 1), or ``None``. Used on every line of a local file (file and line in the error) and in
+    :func:`build_preference_example`."""
+    summaries, choice = row.get("summaries"), row.get("choice")
+    if not isinstance(summaries, list) or len(summaries) != 2:
+        count = f"{len(summaries)} entries" if isinstance(summaries, list) else f"a {type(summaries).__name__}"
+        return f"field 'summaries' must hold exactly 2 summaries, got {count}"
+    if choice not in (0, 1) or isinstance(choice, bool):
+        return f"field 'choice' must be 0 or 1, got {choice!r}"
+    return None
 
 
 def build_preference_example(
@@ -134,14 +157,16 @@ def build_preference_example(
         ``response_length`` tokens.
 
     Raises:
-        KeyError: naming a missing field. ValueError: for a ``choice`` that is not 0 or 1.
+        KeyError: naming a missing field. ValueError: for ``summaries`` with other than 2 entries (saying how many)
+        or a ``choice`` that is not 0 or 1. QueryTooLong: see :func:`format_query_ids`.
     """
     for key in ("info", "summaries", "choice"):
         if row.get(key) is None:
             raise KeyError(f"missing field '{key}'")
+    problem = comparison_problem(row)
+    if problem:
+        raise ValueError(problem)
     choice = row["choice"]
-    if choice not in (0, 1) or len(row["summaries"]) != 2:
-        raise ValueError(f"comparison needs two summaries and choice 0 or 1, got choice={choice!r}")
     texts = []
     for summary in row["summaries"]:
         if summary.get("text") is None:

@@ -1,13 +1,17 @@
-"""What the stage modules share: optimiser and schedule, sample decoding, freezing."""
+"""What the stage modules share: optimiser and schedule, sample decoding, freezing, the random state of checkpoints
+and the guard against non-finite values."""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch import nn
 
 from lit_rlhf.algorithms import truncate_after_eos
@@ -95,12 +99,49 @@ def load_policy_and_reference(
     return freeze_bottom_layers(load_causal_lm(policy), trainable_layers), frozen(load_causal_lm(reference or policy))
 
 
+class NonFiniteError(FloatingPointError):
+    """A loss, gradient norm, reward-model score or parameter became NaN or infinite: the run stops at once."""
+
+
+#: checkpoint key of the per-rank random states (:meth:`StageModule.on_save_checkpoint`)
+RNG_STATES_KEY = "lit_rlhf_rng_states"
+
+
+def _portable_rng_states(states: dict[str, Any]) -> dict[str, Any]:
+    """Lightning's RNG states with numpy's array as a tensor, so that ``torch.load(weights_only=True)`` reads them."""
+    if "numpy" in states:
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        states = {**states, "numpy": (kind, torch.from_numpy(np.asarray(keys).copy()), pos, has_gauss, gauss)}
+    return states
+
+
+def _native_rng_states(states: dict[str, Any]) -> dict[str, Any]:
+    if "numpy" in states:
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        states = {**states, "numpy": (kind, keys.numpy() if torch.is_tensor(keys) else keys, pos, has_gauss, gauss)}
+    return states
+
+
 class StageModule(L.LightningModule):
     """Base of the stage modules.
 
     Subclasses set ``self.tokenizer`` and the model that :meth:`exported_model` returns, and have hyperparameters
     ``lr``, ``eps`` and ``weight_decay``. ``test`` runs the validation logic on the datamodule's test split.
+
+    Runs survive here:
+
+    * **Exact resume.** Every checkpoint holds the random states (torch, CUDA, Python, numpy) of every rank, restored
+      at the start of training, so a run resumed from any checkpoint draws the same samples, permutations and
+      dropout masks as the uninterrupted run. (Data order and position are the ``StatefulDataLoader``'s, optimiser,
+      scheduler and counters Lightning's.)
+    * **Non-finite guard.** A non-finite loss (before its backward), gradient norm (before the optimiser step) or
+      trainable parameter (after it) raises :class:`NonFiniteError` naming the quantity, the stage and the step,
+      before any checkpoint or export of that step is written. Stages check their own further quantities (PPO and
+      online DPO: the reward-model scores) with :meth:`check_finite`. Every rank takes the same decision.
     """
+
+    #: the stage's name in messages (the CLI subcommand)
+    stage_name = "stage"
 
     #: learning-rate schedule over the run (see :func:`adamw_with_schedule`)
     schedule = "cosine"
@@ -113,8 +154,29 @@ class StageModule(L.LightningModule):
         Called at the start of fit, validation and test, after any checkpoint has been loaded.
         """
 
+    def check_datamodule(self, datamodule: Any) -> None:
+        """Raise ``ValueError`` naming the arguments when this module's and the DataModule's arguments do not go
+        together (PPO: ``num_mini_batches`` and ``batch_size``). Called by the CLI before anything is loaded, and by
+        :meth:`setup` for runs built in Python."""
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None and self.trainer.datamodule is not None:
+            self.check_datamodule(self.trainer.datamodule)
+
     def on_fit_start(self) -> None:
         self.share_frozen_trunks()
+
+    def on_train_start(self) -> None:
+        """Restore the random states of this rank when the run resumes from a checkpoint (after ``on_fit_start``)."""
+        states = getattr(self, "_rng_states_to_restore", None)
+        if states:
+            if len(states) != self.trainer.world_size:
+                raise RuntimeError(
+                    f"{self.stage_name}: the checkpoint holds random states of {len(states)} ranks, this run has "
+                    f"{self.trainer.world_size}: resume with the same number of processes"
+                )
+            _set_rng_states(_native_rng_states(states[self.global_rank]))
+            self._rng_states_to_restore = None
 
     def on_validation_start(self) -> None:
         self.share_frozen_trunks()
@@ -128,10 +190,62 @@ class StageModule(L.LightningModule):
         return [slice(i, i + step) for i in range(0, size, step)]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop :attr:`frozen_submodules` from the checkpoint's state dict (they are on disk already)."""
+        """Drop :attr:`frozen_submodules` from the checkpoint's state dict (they are on disk already) and add the
+        random states of every rank (called on every rank; rank ``r``'s state is entry ``r``)."""
         prefixes = tuple(f"{name}." for name in self.frozen_submodules)
         if prefixes:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
+        state = _portable_rng_states(_collect_rng_states(include_cuda=torch.cuda.is_available()))
+        states = [state]
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            # gathered as bytes: all_gather_object cannot unpickle the tensors of torch's generator states
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            gathered = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, buffer.getvalue())
+            states = [torch.load(io.BytesIO(data), weights_only=True) for data in gathered]
+        checkpoint[RNG_STATES_KEY] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_states_to_restore = checkpoint.get(RNG_STATES_KEY)
+
+    # ------------------------------------------------------------------ non-finite guard
+    def check_finite(self, name: str, value: torch.Tensor) -> None:
+        """Raise :class:`NonFiniteError` if ``value`` holds a NaN or infinity on any rank.
+
+        Args:
+            name: what ``value`` is, for the message (e.g. ``"loss"``, ``"reward-model score"``).
+            value: any tensor.
+        """
+        bad = (~torch.isfinite(value.detach())).sum().float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")  # every rank stops together
+        if bad.item() > 0:
+            raise NonFiniteError(
+                f"{self.stage_name}: non-finite {name} at step {self.global_step} (epoch {self.current_epoch}); the run "
+                "stops before this step's checkpoint or export is written, so the last ones on disk are intact"
+            )
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self.check_finite("loss", loss)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            self.check_finite("gradient norm", torch.nn.utils.get_total_norm(grads))
+
+    def check_parameters(self) -> None:
+        """Raise :class:`NonFiniteError` naming the first trainable parameter holding a NaN or infinity."""
+        params = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params]) if params else torch.ones(1, dtype=torch.bool)
+        if not finite.all():
+            self.check_finite(f"parameter {params[int((~finite).nonzero()[0])][0]}", torch.tensor(float("nan")))
+        self.check_finite("parameters", torch.zeros(()))  # the other ranks' verdicts
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Automatic optimisation: the step, then :meth:`check_parameters` (manual stages call it themselves)."""
+        super().optimizer_step(*args, **kwargs)
+        self.check_parameters()
 
     def exported_model(self) -> nn.Module:
         """The model :meth:`save_hf` writes."""

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from lit_rlhf.algorithms import dpo_loss
+from lit_rlhf.arguments import check_arguments
 from lit_rlhf.evaluation.metrics import GroupedAccuracy, preference_accuracy
 from lit_rlhf.models.forward import response_logprob_sums
 from lit_rlhf.models.loading import load_tokenizer
@@ -52,6 +53,8 @@ class DPOModule(StageModule):
         trainable_layers: train only the top N blocks of the policy (``None`` = all).
     """
 
+    stage_name = "dpo"
+
     frozen_submodules = ("ref_policy",)
 
     def __init__(
@@ -66,6 +69,12 @@ class DPOModule(StageModule):
         trainable_layers: Optional[int] = None,
     ) -> None:
         super().__init__()
+        check_arguments(
+            type(self).__name__, locals(),
+            positive=("lr", "eps", "beta"),
+            non_negative=("weight_decay", "trainable_layers"),
+            fraction=("label_smoothing",),
+        )
         self.save_hyperparameters()
         dpo_loss(*torch.zeros(4, 1), beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)  # validate early
         self.strict_loading = False  # checkpoints leave out the reference policy

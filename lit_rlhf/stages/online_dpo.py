@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lit_rlhf.algorithms import PAIR_STRATEGIES, dpo_loss, select_pairs
+from lit_rlhf.arguments import check_arguments
 from lit_rlhf.models.forward import response_logprob_sums, response_logprobs
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lit_rlhf.models.scalar import ScalarModel
@@ -71,6 +72,8 @@ class OnlineDPOModule(PolicyValidation, StageModule):
             with the reference run once per batch (:class:`~lit_rlhf.models.trunk.FrozenTrunk`).
     """
 
+    stage_name = "online-dpo"
+
     schedule = "constant"
     frozen_submodules = ("ref_policy", "sft_policy", "reward_model")
 
@@ -102,6 +105,15 @@ class OnlineDPOModule(PolicyValidation, StageModule):
         trainable_layers: Optional[int] = None,
     ) -> None:
         super().__init__()
+        check_arguments(
+            type(self).__name__, locals(),
+            positive=(
+                "lr", "eps", "beta", "response_length", "temperature", "eval_temperature", "dpo_epochs",
+                "dpo_batch_size", "rollout_batch_size",
+            ),
+            non_negative=("weight_decay", "length_penalty", "num_samples", "trainable_layers"),
+            fraction=("label_smoothing",),
+        )
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got '{reference}'")
         if pair_strategy not in PAIR_STRATEGIES:
@@ -140,6 +152,7 @@ class OnlineDPOModule(PolicyValidation, StageModule):
         self.policy_trunk = FrozenTrunk.shared_by(self.policy, *(m for m in (self.ref_policy, self.sft_policy) if m is not None))
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         if self.trainer.num_training_batches != 1:
             raise ValueError(
                 f"online DPO runs one iteration per epoch, on one batch of prompts, but an epoch has "
@@ -184,6 +197,7 @@ class OnlineDPOModule(PolicyValidation, StageModule):
         torch.manual_seed(hp.seed + iteration + self.global_rank * RANK_SEED_STRIDE)
         # 1-2. sample K responses per prompt and score them (EOS handling as PPO)
         data = self.sample(queries)
+        self.check_finite("reward-model score", data["scores"])
         data["kl"] = self.kl_to_sft(data["query_responses"], context_length)  # (P*K,) of the sampling policy
         scores = data["scores"].view(num_prompts, k)  # (P, K)
         # 3. one pair per prompt, ties dropped
@@ -234,6 +248,7 @@ class OnlineDPOModule(PolicyValidation, StageModule):
                 self.manual_backward(step_weight * loss)
                 optimizer.step()
                 optimizer.zero_grad()
+                self.check_parameters()
                 if step_weight:
                     stats.setdefault("train/loss", []).append(loss.detach())
                     stats.setdefault("train/reward_accuracy", []).append((chosen_reward > rejected_reward).float().mean())

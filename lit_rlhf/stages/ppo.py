@@ -33,6 +33,7 @@ from lit_rlhf.algorithms import (
     sequence_cross_entropy,
     truncate_after_eos,
 )
+from lit_rlhf.arguments import check_arguments, require
 from lit_rlhf.models.forward import generate, model_inputs, response_logprobs, sequence_scores
 from lit_rlhf.models.loading import load_tokenizer
 from lit_rlhf.models.scalar import ScalarModel
@@ -109,6 +110,8 @@ class PPOModule(PolicyValidation, StageModule):
             model, and are not re-run in the PPO epochs (:class:`~lit_rlhf.models.trunk.FrozenTrunk`; exact).
     """
 
+    stage_name = "ppo"
+
     #: recipe P8: linear annealing to 0, stepped once per update
     schedule = "linear"
     frozen_submodules = ("ref_policy", "reward_model")
@@ -158,6 +161,19 @@ class PPOModule(PolicyValidation, StageModule):
         trainable_layers: Optional[int] = None,
     ) -> None:
         super().__init__()
+        check_arguments(
+            type(self).__name__, locals(),
+            positive=(
+                "lr", "eps", "response_length", "temperature", "eval_temperature", "num_ppo_epochs", "num_mini_batches",
+                "micro_batch_size", "cliprange", "cliprange_value", "kl_horizon", "kl_target", "rollout_batch_size",
+                "reward_clip", "advantage_clip", "max_grad_norm",
+            ),
+            non_negative=(
+                "weight_decay", "kl_coef", "vf_coef", "critic_warmup_updates", "ptx_coef", "entropy_coef",
+                "num_samples", "trainable_layers",
+            ),
+            fraction=("gamma", "lam"),
+        )
         if score_position not in SCORE_POSITIONS:
             raise ValueError(f"score_position must be one of {SCORE_POSITIONS}, got '{score_position}'")
         if whitening_scope not in WHITENING_SCOPES:
@@ -196,6 +212,20 @@ class PPOModule(PolicyValidation, StageModule):
         """Value estimates ``(B, T)`` at the state before each response token (``hidden``: value-trunk output)."""
         values = self.value_trunk.top(self.value_model)(**model_inputs(query_responses, self.tokenizer.pad_token_id, hidden))
         return values[:, context_length - 1 : -1].float()
+
+    def check_datamodule(self, datamodule: Any) -> None:
+        batch_size, num_mini_batches = getattr(datamodule, "batch_size", None), self.hparams.num_mini_batches
+        if batch_size is not None:
+            require(
+                type(self).__name__, batch_size % num_mini_batches == 0,
+                f"data.batch_size={batch_size} must be a multiple of model.num_mini_batches={num_mini_batches} "
+                "(each PPO epoch splits the update's batch into that many equal mini-batches, recipe P8)",
+            )
+
+    @property
+    def optimizer_steps_per_update(self) -> int:
+        """Optimiser steps of one PPO update (``num_ppo_epochs * num_mini_batches``): ``global_step`` counts these."""
+        return self.hparams.num_ppo_epochs * self.hparams.num_mini_batches
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.trainer.strategy.reduce(tensor, reduce_op="sum")
@@ -240,6 +270,7 @@ class PPOModule(PolicyValidation, StageModule):
             scores.append(sequence_scores(reward_model, qr, pad, hidden=value_hidden[-1]))
         logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)  # (B, T)
         values, scores = torch.cat(values), torch.cat(scores)  # (B, T), (B,)
+        self.check_finite("reward-model score", scores)
         trunks = {"policy_hidden": policy_hidden, "value_hidden": value_hidden}
         trunks = {key: torch.cat(parts) for key, parts in trunks.items() if parts[0] is not None}
         # 4. no EOS -> penalty score (P3); policy positions after the last real token L are masked (P4), values
@@ -286,7 +317,7 @@ class PPOModule(PolicyValidation, StageModule):
         batch, ptx_batch = (batch["prompts"], batch["ptx"]) if "prompts" in batch else (batch, None)  # PPO-ptx data
         queries = batch["query_ids"]  # (B, Q)
         context_length, batch_size = queries.size(1), queries.size(0)
-        update = self.global_step // (hp.num_ppo_epochs * hp.num_mini_batches)  # updates done before this one
+        update = self.global_step // self.optimizer_steps_per_update  # updates done before this one
         value_only = update < hp.critic_warmup_updates  # PPO-max critic pre-training
         data = self.rollout(queries)
 
@@ -323,6 +354,7 @@ class PPOModule(PolicyValidation, StageModule):
                     self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
                 optimizer.zero_grad()
+                self.check_parameters()
         self.log_update(data, stats, batch_size, batch_idx)
         if hp.kl_target is not None:  # adaptive KL (Ziegler et al. 2019): the global batch's mean KL per episode
             mean_kl = self.trainer.strategy.reduce(data["kl"].sum(1).mean(), reduce_op="mean")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from lit_rlhf.algorithms import pairwise_reward_loss
+from lit_rlhf.arguments import check_arguments
 from lit_rlhf.evaluation.metrics import GroupedAccuracy, preference_accuracy
 from lit_rlhf.models.forward import sequence_scores
 from lit_rlhf.models.loading import load_tokenizer
@@ -45,6 +46,8 @@ class RewardModule(StageModule):
         trainable_layers: train only the top N blocks plus the head (``None`` = all).
     """
 
+    stage_name = "rm"
+
     def __init__(
         self,
         model: str = "smollm2-135m",
@@ -56,6 +59,11 @@ class RewardModule(StageModule):
         trainable_layers: Optional[int] = None,
     ) -> None:
         super().__init__()
+        check_arguments(
+            type(self).__name__, locals(),
+            positive=("lr", "eps", "padding_rtol"),
+            non_negative=("weight_decay", "trainable_layers"),
+        )
         self.save_hyperparameters()
         self.by_batch = GroupedAccuracy()
         self.by_confidence = GroupedAccuracy()

@@ -8,6 +8,7 @@ import torch
 from torchmetrics.text.rouge import ROUGEScore
 
 from lit_rlhf.algorithms import LOSS_NORMALIZATIONS, sequence_cross_entropy
+from lit_rlhf.arguments import check_arguments
 from lit_rlhf.models.forward import generate, model_inputs
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lit_rlhf.stages.common import StageModule, decode_query, decode_responses, freeze_bottom_layers
@@ -35,6 +36,8 @@ class SFTModule(StageModule):
             (:func:`~lit_rlhf.algorithms.sequence_cross_entropy`).
     """
 
+    stage_name = "sft"
+
     def __init__(
         self,
         model: str = "smollm2-135m",
@@ -50,6 +53,11 @@ class SFTModule(StageModule):
         loss_normalization: str = "sequence",
     ) -> None:
         super().__init__()
+        check_arguments(
+            type(self).__name__, locals(),
+            positive=("lr", "eps", "response_length", "temperature"),
+            non_negative=("weight_decay", "rouge_batches", "num_samples", "trainable_layers"),
+        )
         if loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got '{loss_normalization}'")
         self.save_hyperparameters()
