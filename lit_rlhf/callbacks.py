@@ -130,8 +130,9 @@ class StageCheckpoint(ModelCheckpoint):
             rank_zero_warn(f"preempted: wrote {self.last_model_path}; resume with --ckpt_path last")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """``last.ckpt`` is the end state of a completed fit (``ModelCheckpoint`` keeps the last periodic one)."""
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+        """``last.ckpt`` is the end state of a completed fit, whatever the cadence (``ModelCheckpoint`` keeps the last
+        periodic one, which may be mid-epoch or older)."""
+        if self.save_last and trainer.state.fn == "fit" and not trainer.fast_dev_run and not trainer.sanity_checking:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Optional
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch import nn
 
@@ -167,7 +168,9 @@ class StageModule(L.LightningModule):
         self.share_frozen_trunks()
 
     def on_train_start(self) -> None:
-        """Restore the random states of this rank when the run resumes from a checkpoint (after ``on_fit_start``)."""
+        """On resume from a checkpoint (after ``on_fit_start``): put the training loaders where they were and restore the
+        random states of this rank."""
+        self._restore_loader_position()
         states = getattr(self, "_rng_states_to_restore", None)
         if states:
             if len(states) != self.trainer.world_size:
@@ -208,6 +211,34 @@ class StageModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_states_to_restore = checkpoint.get(RNG_STATES_KEY)
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        self._loader_states_to_restore = fit_loop.get("state_dict", {}).get("combined_loader")
+        self._resumed_after_last_batch = bool(fit_loop.get("epoch_loop.batch_progress", {}).get("is_last_batch"))
+
+    def _restore_loader_position(self) -> None:
+        """Load the checkpoint's ``StatefulDataLoader`` states into the training loaders and restart their iterators.
+
+        Lightning drops these states when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (as
+        every stage's schedule does): the loaders are built before the checkpoint's loop state is restored and never
+        again (Lightning issue #20550). Lightning's own path would also fast-forward a mid-epoch loader before
+        ``set_epoch``. Here the samplers get the resumed epoch first, then the states, then a new iterator.
+
+        A checkpoint written after the last batch of an epoch (``is_last_batch``) resumes into the next epoch, which
+        must start from a fresh iterator: Lightning, loading the exhausted state, would train on nothing. A run resumed
+        at an epoch's end (``restarted_on_epoch_end``) starts the next epoch afresh, as Lightning does.
+        """
+        states, self._loader_states_to_restore = getattr(self, "_loader_states_to_restore", None), None
+        fit_loop = self.trainer.fit_loop
+        combined = fit_loop._combined_loader
+        if not states or not fit_loop.restarted_mid_epoch or combined is None or fit_loop._data_fetcher is None:
+            return
+        fit_loop._combined_loader_states_to_load = []
+        if not self._resumed_after_last_batch:
+            for loader in combined.flattened:
+                _set_sampler_epoch(loader, fit_loop.epoch_progress.current.processed)
+            combined._load_state_dicts(states)
+        fit_loop._data_fetcher.setup(combined)
+        iter(fit_loop._data_fetcher)
 
     # ------------------------------------------------------------------ non-finite guard
     def check_finite(self, name: str, value: torch.Tensor) -> None:
