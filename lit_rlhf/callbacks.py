@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -128,6 +129,12 @@ class StageCheckpoint(ModelCheckpoint):
         if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == "fit":
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             rank_zero_warn(f"preempted: wrote {self.last_model_path}; resume with --ckpt_path last")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        with warnings.catch_warnings():
+            # manual optimisation (PPO, online DPO): the state after the update is the one to resume from, as wanted
+            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """``last.ckpt`` is the end state of a completed fit, whatever the cadence (``ModelCheckpoint`` keeps the last
