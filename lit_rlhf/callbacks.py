@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -180,34 +179,36 @@ class HFExport(L.Callback):
             remove_leftovers(self.dirpath.parent / "epochs", (".epoch-*.tmp-*", ".epoch-*.old-*"), "exports")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.every_epoch:
-            return
-        if trainer.global_rank == 0:
+        if self.every_epoch:
             self.export(pl_module, self.dirpath.parent / "epochs" / f"epoch-{trainer.current_epoch}")
-        trainer.strategy.barrier("hf_export_epoch")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_rank == 0:
-            self.export(pl_module)
-        trainer.strategy.barrier("hf_export")
+        self.export(pl_module)
 
     def export(self, pl_module: Any, dirpath: Optional[Path] = None) -> Path:
         """Write ``pl_module.save_hf`` output atomically to ``dirpath`` (default :attr:`dirpath`).
+
+        Called on every process (a sharded model is gathered to process 0, which alone writes).
 
         Raises:
             FloatingPointError: naming the tensor, if the exported model holds a NaN or infinity (nothing is written).
         """
         dirpath = Path(dirpath or self.dirpath)
-        for name, tensor in pl_module.exported_model().state_dict().items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise FloatingPointError(f"not exporting to {dirpath}: {name} holds a NaN or infinity")
-        dirpath.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dirpath.name}.tmp-", dir=dirpath.parent))
+        trainer = pl_module._trainer
+        writer = trainer is None or trainer.is_global_zero
+        tmp = None
+        if writer:
+            dirpath.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dirpath.name}.tmp-", dir=dirpath.parent))
         try:
             pl_module.save_hf(tmp)
-            replace_path(tmp, dirpath)
+            if tmp is not None:
+                replace_path(tmp, dirpath)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        if trainer is not None:
+            trainer.strategy.barrier("hf_export")
         return dirpath
 
 

@@ -27,6 +27,9 @@ from lit_rlhf.stages.online_dpo import OnlineDPOModule
 from lit_rlhf.stages.ppo import PPOModule
 from lit_rlhf.stages.reward import RewardModule
 from lit_rlhf.stages.sft import SFTModule
+from lit_rlhf.strategies import register_strategies
+
+register_strategies()
 
 #: stage name -> (LightningModule, LightningDataModule, the module argument that names the tokenizer's model)
 STAGES = {

@@ -5,14 +5,10 @@ Lightning's DDP launcher re-runs the command line for rank 1, so the run goes th
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from stage_helpers import assert_finite, last_checkpoint, load_checkpoint, results, stage_config
+from stage_helpers import assert_finite, last_checkpoint, load_checkpoint, results, run_processes, stage_config
 from transformers import AutoModelForCausalLM
 
 from lit_rlhf.models.scalar import ScalarModel
@@ -26,15 +22,8 @@ PPO_EPOCHS = 2
 
 
 def run_ddp(stage: str, config: Path) -> None:
-    """``lit-rlhf {stage} fit`` with two CPU processes; fails with the end of both outputs."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "lit_rlhf.cli", stage, "fit", "--config", str(config),
-        "--trainer.devices", str(WORLD_SIZE), "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
-    ]
-    process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
-    assert "Starting with 2 processes" in process.stdout + process.stderr
+    """``lit-rlhf {stage} fit`` with two CPU processes under DDP."""
+    run_processes(stage, config, "ddp", devices=WORLD_SIZE)
 
 
 @pytest.mark.timeout(600)

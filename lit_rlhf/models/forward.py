@@ -9,6 +9,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from lit_rlhf.algorithms import INVALID_LOGPROB, last_token_index, logprobs_from_logits
+from lit_rlhf.models.parallel import gathered_for_generation, is_sharded
 
 
 def model_inputs(ids: torch.Tensor, pad_token_id: int, hidden: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
@@ -118,11 +119,14 @@ def generate(
     :func:`~lit_rlhf.algorithms.truncate_after_eos` (P3). When every row has sampled EOS before ``T`` tokens,
     transformers stops early; the rows are then right-padded with ``pad_token_id`` to ``T`` (the same after P3).
 
+    Under FSDP2 or ZeRO-3 the parameters are gathered once for the whole call
+    (:func:`~lit_rlhf.models.parallel.gathered_for_generation`).
+
     Raises:
         RuntimeError: if fewer than ``T`` tokens come back while some row has no EOS.
 
     Args:
-        model: a causal LM with ``generate``.
+        model: a causal LM with ``generate`` (sharded or not).
         queries: ``(B, Q)`` left-padded query ids.
 
     Returns:
@@ -138,8 +142,15 @@ def generate(
         eos_token_id=None,
         pad_token_id=0,
     )
-    # position_ids are rebuilt from the attention mask inside generate; pass ids with pads replaced.
-    output = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], generation_config=config)
+    # position_ids are rebuilt from the attention mask inside generate; pass ids with pads replaced. A sharded model
+    # (FSDP2, ZeRO-3) is gathered once for all T steps, and every process runs T steps (synced_gpus) so that none
+    # waits on a collective another one skipped by stopping early.
+    synced = is_sharded(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    with gathered_for_generation(model):
+        output = model.generate(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], generation_config=config,
+            **({"synced_gpus": True} if synced else {}),
+        )
     responses = output[:, queries.size(1) :]
     if responses.size(1) < max_new_tokens:
         # transformers fills unset settings from the model's generation config, EOS included, and stops once every

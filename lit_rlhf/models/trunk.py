@@ -14,12 +14,16 @@ stays disabled and models run whole.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from lit_rlhf.models.forward import model_inputs
+from lit_rlhf.models.parallel import is_sharded
+
+log = logging.getLogger(__name__)
 
 #: attribute names of the final norm in the decoders transformers ships (Llama-like, GPT-NeoX, GPT-2)
 _FINAL_NORMS = ("norm", "final_layer_norm", "ln_f")
@@ -90,9 +94,18 @@ class FrozenTrunk:
         The first model's trunk is the one that runs; the others must equal it, which holds for the PPO policy
         and its reference (both from the SFT checkpoint, lower blocks never trained) and for the value model
         and the reward model it starts from.
+
+        Sharded models (FSDP2, ZeRO-3) get a disabled trunk, with a warning when they have frozen blocks: a block's
+        parameters are gathered by its own model's forward, which a trunk's view would bypass.
         """
         try:
             num_blocks = min(_frozen_blocks(model) for model in models)
+            if num_blocks and any(is_sharded(model) for model in models):
+                log.warning(
+                    "frozen-trunk sharing is off for sharded models (FSDP2/ZeRO-3): the %d frozen blocks run in each "
+                    "model's own forward", num_blocks,
+                )
+                return cls()
             if num_blocks == 0 or num_blocks >= len(_blocks(_decoder(models[0]))[1]):
                 return cls()
             first = _trunk_parameters(models[0], num_blocks)

@@ -17,6 +17,7 @@ from torch import nn
 
 from lit_rlhf.algorithms import truncate_after_eos
 from lit_rlhf.models.loading import load_causal_lm
+from lit_rlhf.models.parallel import full_state_dict, is_sharded, local_tensor, shard_model
 
 
 def adamw_with_schedule(
@@ -149,6 +150,37 @@ class StageModule(L.LightningModule):
     #: frozen submodules loaded from disk by ``configure_model`` and left out of Lightning checkpoints
     frozen_submodules: tuple[str, ...] = ()
 
+    def load_models(self) -> None:
+        """Load the stage's tokenizer and models (called once, by :meth:`configure_model`)."""
+        raise NotImplementedError
+
+    def configure_model(self) -> None:
+        """Load the models once (:meth:`load_models`); under FSDP2 (a device mesh from Lightning's
+        ``ModelParallelStrategy`` / :class:`~lit_rlhf.strategies.FSDP2Strategy`) shard each of them per decoder block.
+
+        The frozen models are sharded too unless the strategy says ``shard_frozen=False``.
+
+        Raises:
+            ValueError: with a tensor-parallel mesh (only data parallelism is supported).
+        """
+        if not getattr(self, "_models_loaded", False):
+            self.load_models()
+            self._models_loaded = True
+        mesh = self._device_mesh
+        if mesh is None or getattr(self, "_models_sharded", False):
+            return
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(f"{self.stage_name}: tensor parallelism is not supported; use tensor_parallel_size=1 (FSDP2Strategy)")
+        data_parallel = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        shard_frozen = getattr(self._trainer.strategy if self._trainer is not None else None, "shard_frozen", True)
+        for name, child in self.named_children():
+            if not hasattr(child, "config"):  # metrics, not models
+                continue
+            if not shard_frozen and not any(p.requires_grad for p in child.parameters()):
+                continue
+            shard_model(child, data_parallel)
+        self._models_sharded = True
+
     def share_frozen_trunks(self) -> None:
         """Set up :class:`~lit_rlhf.models.trunk.FrozenTrunk` sharing between this stage's models (none here).
 
@@ -248,8 +280,9 @@ class StageModule(L.LightningModule):
             name: what ``value`` is, for the message (e.g. ``"loss"``, ``"reward-model score"``).
             value: any tensor.
         """
-        bad = (~torch.isfinite(value.detach())).sum().float()
+        bad = (~torch.isfinite(local_tensor(value.detach()))).sum().float()
         if self._trainer is not None and self.trainer.world_size > 1:
+            bad = bad.to(self.device)  # NCCL reduces device tensors
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")  # every rank stops together
         if bad.item() > 0:
             raise NonFiniteError(
@@ -261,13 +294,14 @@ class StageModule(L.LightningModule):
         self.check_finite("loss", loss)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
+        grads = [local_tensor(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:  # this process's shards under FSDP2: check_finite takes every rank's verdict
             self.check_finite("gradient norm", torch.nn.utils.get_total_norm(grads))
 
     def check_parameters(self) -> None:
-        """Raise :class:`NonFiniteError` naming the first trainable parameter holding a NaN or infinity."""
-        params = [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+        """Raise :class:`NonFiniteError` naming the first trainable parameter holding a NaN or infinity (checked on
+        this process's shard under FSDP2; every rank stops)."""
+        params = [(name, local_tensor(p)) for name, p in self.named_parameters() if p.requires_grad]
         finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params]) if params else torch.ones(1, dtype=torch.bool)
         if not finite.all():
             self.check_finite(f"parameter {params[int((~finite).nonzero()[0])][0]}", torch.tensor(float("nan")))
@@ -282,10 +316,32 @@ class StageModule(L.LightningModule):
         """The model :meth:`save_hf` writes."""
         raise NotImplementedError
 
-    def save_hf(self, directory: Path) -> None:
-        """Write :meth:`exported_model` and the tokenizer in Hugging Face format to ``directory``."""
-        self.exported_model().save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+    def exported_models(self) -> dict[str, nn.Module]:
+        """Sub-directory -> model that :meth:`save_hf` writes (``""``: the export directory itself)."""
+        return {"": self.exported_model()}
+
+    def save_hf(self, directory: Optional[Path]) -> None:
+        """Write :meth:`exported_models` and the tokenizer in Hugging Face format to ``directory``.
+
+        Call it on every process: a sharded model is gathered to process 0, which alone writes (the others pass
+        ``None`` or any path, nothing is written there). The weights are checked first, shard by shard.
+
+        Raises:
+            NonFiniteError: naming the model, on every process, if a weight holds a NaN or infinity (nothing written).
+        """
+        models = self.exported_models()
+        for name, model in models.items():
+            bad = [key for key, value in model.state_dict().items()
+                   if value.is_floating_point() and not torch.isfinite(local_tensor(value)).all()]
+            self.check_finite(f"weight {bad[0] if bad else ''} of the exported {name or 'model'} (nothing exported)",
+                              torch.tensor(float("nan") if bad else 0.0))
+        for name, model in models.items():
+            state = full_state_dict(model)  # collective when sharded
+            if directory is not None and (self._trainer is None or self.trainer.is_global_zero):
+                target = Path(directory) / name
+                model.save_pretrained(target, state_dict=state if is_sharded(model) else None)
+        if directory is not None and (self._trainer is None or self.trainer.is_global_zero):
+            self.tokenizer.save_pretrained(directory)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over every trainable parameter (frozen models and blocks are left out), schedule per step."""

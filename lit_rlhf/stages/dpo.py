@@ -84,9 +84,7 @@ class DPOModule(StageModule):
         self.tokenizer: Any = None
         self.trunk = FrozenTrunk()
 
-    def configure_model(self) -> None:
-        if self.policy is not None:
-            return
+    def load_models(self) -> None:
         self.tokenizer = load_tokenizer(self.hparams.model)
         self.policy, self.ref_policy = load_policy_and_reference(self.hparams.model, self.hparams.trainable_layers)
 

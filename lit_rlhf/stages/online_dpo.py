@@ -20,6 +20,7 @@ from lit_rlhf.algorithms import PAIR_STRATEGIES, dpo_loss, select_pairs
 from lit_rlhf.arguments import check_arguments
 from lit_rlhf.models.forward import response_logprob_sums, response_logprobs
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
+from lit_rlhf.models.parallel import copy_weights
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.models.trunk import FrozenTrunk
 from lit_rlhf.stages.common import StageModule, decode_query, decode_responses, frozen, load_policy_and_reference
@@ -131,9 +132,7 @@ class OnlineDPOModule(PolicyValidation, StageModule):
         self.policy_trunk = FrozenTrunk()
 
     # ------------------------------------------------------------------ models
-    def configure_model(self) -> None:
-        if self.policy is not None:
-            return
+    def load_models(self) -> None:
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.policy)
         self.policy, self.ref_policy = load_policy_and_reference(hp.policy, hp.trainable_layers)
@@ -193,7 +192,7 @@ class OnlineDPOModule(PolicyValidation, StageModule):
         iteration, queries = self.current_epoch, batch["query_ids"]  # (P, Q)
         num_prompts, k, context_length = queries.size(0), hp.samples_per_prompt, queries.size(1)
         if hp.reference == "previous":  # 5. the reference is the policy as the previous iteration left it
-            self.ref_policy.load_state_dict(self.policy.state_dict())
+            copy_weights(self.ref_policy, self.policy)
         torch.manual_seed(hp.seed + iteration + self.global_rank * RANK_SEED_STRIDE)
         # 1-2. sample K responses per prompt and score them (EOS handling as PPO)
         data = self.sample(queries)

@@ -8,7 +8,6 @@ processing, rewards, advantages, then the epoch / minibatch loop. The math lives
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -189,9 +188,7 @@ class PPOModule(PolicyValidation, StageModule):
         self.policy_trunk = self.value_trunk = FrozenTrunk()
 
     # ------------------------------------------------------------------ models
-    def configure_model(self) -> None:
-        if self.policy is not None:
-            return
+    def load_models(self) -> None:
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.policy)
         self.policy, self.ref_policy = load_policy_and_reference(hp.policy, hp.trainable_layers, hp.ref_policy)
@@ -443,7 +440,6 @@ class PPOModule(PolicyValidation, StageModule):
     def exported_model(self) -> torch.nn.Module:
         return self.policy
 
-    def save_hf(self, directory: Path) -> None:
-        """Write the policy and tokenizer in Hugging Face format; the value model goes to ``value/``."""
-        super().save_hf(directory)
-        self.value_model.save_pretrained(Path(directory) / "value")
+    def exported_models(self) -> dict[str, torch.nn.Module]:
+        """The policy, and the value model in ``value/``."""
+        return {"": self.policy, "value": self.value_model}

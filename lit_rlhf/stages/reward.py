@@ -71,10 +71,9 @@ class RewardModule(StageModule):
         self.reward_model: Any = None
         self.tokenizer: Any = None
 
-    def configure_model(self) -> None:
-        if self.reward_model is None:
-            self.tokenizer = load_tokenizer(self.hparams.model)
-            self.reward_model = freeze_bottom_layers(ScalarModel.from_backbone(self.hparams.model), self.hparams.trainable_layers)
+    def load_models(self) -> None:
+        self.tokenizer = load_tokenizer(self.hparams.model)
+        self.reward_model = freeze_bottom_layers(ScalarModel.from_backbone(self.hparams.model), self.hparams.trainable_layers)
 
     def pair_scores(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores ``(B,)`` of the chosen and rejected sequences, from one forward over both."""

@@ -66,10 +66,9 @@ class SFTModule(StageModule):
         self.policy: Any = None
         self.tokenizer: Any = None
 
-    def configure_model(self) -> None:
-        if self.policy is None:
-            self.tokenizer = load_tokenizer(self.hparams.model)
-            self.policy = freeze_bottom_layers(load_causal_lm(self.hparams.model), self.hparams.trainable_layers)
+    def load_models(self) -> None:
+        self.tokenizer = load_tokenizer(self.hparams.model)
+        self.policy = freeze_bottom_layers(load_causal_lm(self.hparams.model), self.hparams.trainable_layers)
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Next-token cross-entropy over the batch's real tokens (or response tokens only), weighted per

@@ -1,0 +1,87 @@
+"""FSDP2 for the stage modules: Lightning's ``ModelParallelStrategy`` with data parallelism only.
+
+``--trainer.strategy lit_rlhf.strategies.FSDP2Strategy`` (or ``configs/strategies/fsdp2.yaml``) shards any stage:
+the stage module's ``configure_model`` applies ``fully_shard`` per decoder block to each of its models
+(:func:`lit_rlhf.models.parallel.shard_model`). What this subclass adds to Lightning's strategy:
+
+* ``shard_frozen``: the frozen models (reference policy, reward model) are sharded like the trained ones (default),
+  or replicated on every process (no all-gather in their forwards, full memory).
+* Checkpoints are distributed checkpoints (a directory per checkpoint, one shard file per process) that leave out
+  the frozen models, as every stage's checkpoints do (they are on disk already); loading reads the rest.
+
+Tensor parallelism is not offered: the models here are small enough for FSDP alone, and the stages' generation
+and logprob code assumes replicated activations.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from lightning.fabric.strategies.model_parallel import _METADATA_FILENAME, _is_sharded_checkpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 data parallelism over all processes (``ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)``).
+
+    Args:
+        shard_frozen: shard the frozen reference policy / reward model too (``False``: replicate them).
+        save_distributed_checkpoint: one shard per process (default) or a single full checkpoint file.
+        (others): as ``ModelParallelStrategy``.
+    """
+
+    strategy_name = "lit_rlhf_fsdp2"
+
+    def __init__(self, shard_frozen: bool = True, save_distributed_checkpoint: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("data_parallel_size", "auto")
+        kwargs["tensor_parallel_size"] = 1
+        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.shard_frozen = shard_frozen
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path: Union[str, Path], weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Load a distributed checkpoint written without the module's ``frozen_submodules`` (a full checkpoint file
+        goes through Lightning's loader)."""
+        path = Path(self.broadcast(checkpoint_path))
+        if not _is_sharded_checkpoint(path):
+            return super().load_checkpoint(path, weights_only=weights_only)
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        frozen = tuple(f"{name}." for name in getattr(self.lightning_module, "frozen_submodules", ()))
+        model_state = {key: value for key, value in get_model_state_dict(self.model).items() if not key.startswith(frozen)}
+        load({"state_dict": model_state}, checkpoint_id=path)
+        set_model_state_dict(self.model, model_state, options=StateDictOptions(strict=False))
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            optimizer_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            load(optimizer_state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optimizer_state[key], options=StateDictOptions(cpu_offload=True))
+        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+
+
+def register_strategies() -> None:
+    """Make ``--trainer.strategy fsdp2`` (frozen models sharded) and ``fsdp2_replicate_frozen`` known to Lightning."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    for name, shard_frozen in (("fsdp2", True), ("fsdp2_replicate_frozen", False)):
+        if name not in StrategyRegistry:
+            StrategyRegistry.register(
+                name, FSDP2Strategy, description=f"FSDP2 over all processes, frozen models {'sharded' if shard_frozen else 'replicated'}",
+                shard_frozen=shard_frozen,
+            )
+
+
+register_strategies()
