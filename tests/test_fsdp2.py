@@ -7,12 +7,17 @@ in float32). The PPO run also resumes from a mid-run distributed checkpoint to t
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import pytest
 import torch
 import yaml
+from conftest import ROOT
 from safetensors.torch import load_file
 from stage_helpers import results, run_processes, stage_config
 from torch.distributed.checkpoint import FileSystemReader
@@ -87,12 +92,19 @@ def test_fsdp2_trains_the_same_model_as_ddp(stage, tiny_model_dir, tiny_reward_d
         assert (fsdp2 / "epochs" / "epoch-0" / "model.safetensors").is_file()
 
 
-@pytest.mark.timeout(900)
-def test_fsdp2_ppo_matches_ddp_and_resumes_from_a_mid_run_checkpoint(tiny_model_dir, tiny_reward_dir, tmp_path):
+@pytest.fixture(scope="module")
+def ppo_runs(tmp_path_factory, tiny_model_dir, tiny_reward_dir) -> tuple[Path, Path, str, dict, dict]:
+    """PPO (2 updates per rank) under DDP and under FSDP2 keeping a distributed checkpoint after each update."""
+    tmp_path = tmp_path_factory.mktemp("ppo_fsdp2")
     model, data = stage_settings("ppo", tiny_model_dir, tiny_reward_dir)
-    keep_all = {"every_n_updates": 1, "save_top_k": -1}  # a distributed checkpoint after each of the 2 updates
     ddp, _ = run_stage("ppo", "ddp", tmp_path, model, data)
-    fsdp2, output = run_stage("ppo", "fsdp2", tmp_path, model, data, callback=keep_all)
+    fsdp2, output = run_stage("ppo", "fsdp2", tmp_path, model, data, callback={"every_n_updates": 1, "save_top_k": -1})
+    return ddp, fsdp2, output, model, data
+
+
+@pytest.mark.timeout(900)
+def test_fsdp2_ppo_matches_ddp_and_resumes_from_a_mid_run_checkpoint(ppo_runs, tmp_path):
+    ddp, fsdp2, output, model, data = ppo_runs
     assert "frozen-trunk sharing is off for sharded models" in output
     reference = exported_weights(fsdp2)
     assert max_difference(exported_weights(ddp), reference) <= ATOL
@@ -114,3 +126,48 @@ def test_fsdp2_ppo_matches_ddp_and_resumes_from_a_mid_run_checkpoint(tiny_model_
     replicated = stage_config("ppo", tmp_path / "replicated", model=model, data=data)
     run_processes("ppo", replicated, "fsdp2_replicate_frozen")
     assert max_difference(exported_weights(tmp_path / "replicated" / "ppo"), reference) <= ATOL
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.timeout(900)
+def test_two_nodes_launched_by_torchrun_train_the_same_ppo_policy(ppo_runs, tmp_path):
+    """``torchrun`` on "2 nodes x 1 process" (both here, rendezvous on 127.0.0.1); Lightning takes the ranks from the
+    torchrun environment and launches nothing itself."""
+    _, fsdp2, _, model, data = ppo_runs
+    config = stage_config("ppo", tmp_path, model=model, data=data)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
+             "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "lit_rlhf.cli", "ppo", "fit", "--config", str(config),
+             "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.accelerator", "cpu", "--trainer.strategy", "fsdp2"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    for rank, (node, output) in enumerate(zip(nodes, outputs)):
+        assert node.returncode == 0, f"node {rank}:\n{output[-5000:]}"
+        assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in output
+    assert "Starting with 2 processes" in outputs[0]
+    assert max_difference(exported_weights(tmp_path / "ppo"), exported_weights(fsdp2)) == 0.0
+    assert [record for record in results(tmp_path / "ppo") if record["fn"] == "fit"][-1]["global_step"] == 4
+
+
+@pytest.mark.timeout(900)
+def test_fsdp2_lora_ppo_matches_ddp(tiny_model_dir, tiny_reward_dir, tmp_path):
+    """LoRA policy and value model sharded: the reference and reward model are their adapters-disabled bases."""
+    model = {"policy": str(tiny_model_dir), "reward_model": str(tiny_reward_dir), "lr": 1e-3, "non_eos_penalty": False,
+             "lora": {"r": 4}, "value_lora": {"r": 4}}
+    ddp, _ = run_stage("ppo", "ddp", tmp_path, model, {})
+    fsdp2, _ = run_stage("ppo", "fsdp2", tmp_path, model, {})
+    weights = exported_weights(fsdp2)
+    assert max_difference(exported_weights(ddp), weights) <= ATOL
+    initial = {f".:{key}": value for key, value in load_file(tiny_model_dir / "model.safetensors").items()}
+    assert max((weights[key] - initial[key]).abs().max().item() for key in initial) > 1e-5, "the merged adapters changed nothing"

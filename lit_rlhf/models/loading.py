@@ -126,7 +126,7 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(convert_default_model())
     path = Path(name_or_path).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise FileNotFoundError(f"model directory {path} has no config.json (is it a finished stage output?)")
         return str(path)
     if name_or_path.startswith((".", "/", "~")):
@@ -163,8 +163,17 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 
 def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load a causal LM (hub name, local directory or ``smollm2-135m``) with dropout disabled (D8)."""
+    """Load a causal LM (hub name, local directory or ``smollm2-135m``) with dropout disabled (D8).
+
+    A directory holding LoRA adapters only (a stage export with ``merge_on_export=False``) gives its base model with
+    the adapters merged in.
+    """
+    from lit_rlhf.models.lora import adapter_base, load_merged_adapters
+
     path = resolve_model_path(name_or_path)
+    base = adapter_base(Path(path)) if Path(path).is_dir() else None
+    if base is not None:
+        return load_merged_adapters(load_causal_lm(base, dtype), Path(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     model.generation_config.pad_token_id = None  # we pass our own generation settings
     return disable_dropout(model)

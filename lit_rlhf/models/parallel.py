@@ -36,7 +36,8 @@ def shard_model(model: nn.Module, mesh: Any, mp_policy: Optional[MixedPrecisionP
 
     Each block is one communication unit (all-gathered before its forward, resharded after, gradients
     reduce-scattered after its backward); the root unit holds the rest (embeddings, final norm, heads). Frozen
-    models shard the same way and never reduce a gradient.
+    models shard the same way and never reduce a gradient. A peft (LoRA) model's root unit is the transformers model
+    inside it, which its forward and ``generate`` both call.
 
     Args:
         model: a transformers model (or a wrapper around one).
@@ -49,7 +50,9 @@ def shard_model(model: nn.Module, mesh: Any, mp_policy: Optional[MixedPrecisionP
     Raises:
         ValueError: when ``model`` declares no transformer block (``_no_split_modules``) or none is found.
     """
-    if isinstance(model, FSDPModule):
+    # a peft model's own forward and generate() both enter the transformers model inside it: that is the root unit
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if isinstance(root, FSDPModule):
         return model
     names = block_classes(model)
     blocks = [module for module in model.modules() if type(module).__name__ in names]
@@ -58,7 +61,7 @@ def shard_model(model: nn.Module, mesh: Any, mp_policy: Optional[MixedPrecisionP
     kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
     for block in blocks:
         fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+    fully_shard(root, **kwargs)
     return model
 
 

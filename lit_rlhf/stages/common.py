@@ -17,6 +17,7 @@ from torch import nn
 
 from lit_rlhf.algorithms import truncate_after_eos
 from lit_rlhf.models.loading import load_causal_lm
+from lit_rlhf.models.lora import AdaptersDisabled, LoRA, add_lora, is_peft, save_lora_model
 from lit_rlhf.models.parallel import full_state_dict, is_sharded, local_tensor, shard_model
 
 
@@ -93,11 +94,40 @@ def frozen(model: nn.Module) -> nn.Module:
     return model.requires_grad_(False).eval()
 
 
+def lora_settings(owner: str, lora: Any, trainable_layers: Optional[int] = None) -> Optional[LoRA]:
+    """A stage's ``lora`` argument as :class:`~lit_rlhf.models.lora.LoRA` (``None``, a ``LoRA`` or its dict, as a
+    checkpoint's hyperparameters hold it).
+
+    Raises:
+        ValueError: naming ``owner`` when LoRA and ``trainable_layers`` are both set (LoRA already freezes the base).
+    """
+    if lora is None:
+        return None
+    settings = lora if isinstance(lora, LoRA) else LoRA(**dict(lora))
+    if trainable_layers is not None:
+        raise ValueError(f"{owner}: lora and trainable_layers are exclusive (LoRA trains adapters on a frozen base); set one")
+    return settings
+
+
+def lora_hparam(lora: Optional[LoRA]) -> Optional[dict[str, Any]]:
+    """``lora`` as the plain dict stored in hyperparameters (checkpoints load with ``weights_only``)."""
+    return None if lora is None else dict(vars(lora))
+
+
 def load_policy_and_reference(
-    policy: str, trainable_layers: Optional[int], reference: Optional[str] = None
-) -> tuple[nn.Module, nn.Module]:
+    policy: str, trainable_layers: Optional[int], reference: Optional[str] = None, lora: Optional[LoRA] = None
+) -> tuple[nn.Module, Any]:
     """The policy (top ``trainable_layers`` blocks trainable) and the frozen reference policy, both loaded from
-    ``policy`` unless ``reference`` names another checkpoint (recipe P1; DPO)."""
+    ``policy`` unless ``reference`` names another checkpoint (recipe P1; DPO).
+
+    With ``lora`` the policy is a LoRA on ``policy`` and the reference is the same model with its adapters disabled
+    (:class:`~lit_rlhf.models.lora.AdaptersDisabled`, no second copy), unless ``reference`` names another checkpoint.
+    """
+    if lora is not None:
+        model = add_lora(load_causal_lm(policy), lora)
+        if reference is not None and reference != policy:
+            return model, frozen(load_causal_lm(reference))
+        return model, AdaptersDisabled(model)
     return freeze_bottom_layers(load_causal_lm(policy), trainable_layers), frozen(load_causal_lm(reference or policy))
 
 
@@ -339,7 +369,10 @@ class StageModule(L.LightningModule):
             state = full_state_dict(model)  # collective when sharded
             if directory is not None and (self._trainer is None or self.trainer.is_global_zero):
                 target = Path(directory) / name
-                model.save_pretrained(target, state_dict=state if is_sharded(model) else None)
+                if is_peft(model):
+                    save_lora_model(model, target, state)
+                else:
+                    model.save_pretrained(target, state_dict=state if is_sharded(model) else None)
         if directory is not None and (self._trainer is None or self.trainer.is_global_zero):
             self.tokenizer.save_pretrained(directory)
 

@@ -13,8 +13,9 @@ from lit_rlhf.arguments import check_arguments
 from lit_rlhf.evaluation.metrics import GroupedAccuracy, preference_accuracy
 from lit_rlhf.models.forward import response_logprob_sums
 from lit_rlhf.models.loading import load_tokenizer
+from lit_rlhf.models.lora import LoRA
 from lit_rlhf.models.trunk import FrozenTrunk
-from lit_rlhf.stages.common import StageModule, load_policy_and_reference
+from lit_rlhf.stages.common import StageModule, load_policy_and_reference, lora_hparam, lora_settings
 
 
 def stack_pair(query_ids: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -51,6 +52,9 @@ class DPOModule(StageModule):
         eps: AdamW epsilon (1e-5).
         weight_decay: AdamW weight decay (0.01, PyTorch's default, as in every N+ stage).
         trainable_layers: train only the top N blocks of the policy (``None`` = all).
+        lora: train LoRA adapters (peft) on the frozen SFT model instead of all weights (``None`` = off); exclusive
+            with ``trainable_layers``. The export merges them (``lora.merge_on_export``).
+            The reference policy is then the policy with its adapters disabled (no second copy).
     """
 
     stage_name = "dpo"
@@ -67,6 +71,7 @@ class DPOModule(StageModule):
         eps: float = 1e-5,
         weight_decay: float = 0.01,
         trainable_layers: Optional[int] = None,
+        lora: Optional[LoRA] = None,
     ) -> None:
         super().__init__()
         check_arguments(
@@ -75,7 +80,9 @@ class DPOModule(StageModule):
             non_negative=("weight_decay", "trainable_layers"),
             fraction=("label_smoothing",),
         )
+        self.lora = lora_settings(type(self).__name__, lora, trainable_layers)
         self.save_hyperparameters()
+        self.hparams.lora = lora_hparam(self.lora)
         dpo_loss(*torch.zeros(4, 1), beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)  # validate early
         self.strict_loading = False  # checkpoints leave out the reference policy
         self.by_batch, self.by_confidence = GroupedAccuracy(), GroupedAccuracy()
@@ -86,7 +93,7 @@ class DPOModule(StageModule):
 
     def load_models(self) -> None:
         self.tokenizer = load_tokenizer(self.hparams.model)
-        self.policy, self.ref_policy = load_policy_and_reference(self.hparams.model, self.hparams.trainable_layers)
+        self.policy, self.ref_policy = load_policy_and_reference(self.hparams.model, self.hparams.trainable_layers, lora=self.lora)
 
     def share_frozen_trunks(self) -> None:
         self.trunk = FrozenTrunk.shared_by(self.policy, self.ref_policy)

@@ -20,10 +20,19 @@ from lit_rlhf.algorithms import PAIR_STRATEGIES, dpo_loss, select_pairs
 from lit_rlhf.arguments import check_arguments
 from lit_rlhf.models.forward import response_logprob_sums, response_logprobs
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
+from lit_rlhf.models.lora import LoRA
 from lit_rlhf.models.parallel import copy_weights
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.models.trunk import FrozenTrunk
-from lit_rlhf.stages.common import StageModule, decode_query, decode_responses, frozen, load_policy_and_reference
+from lit_rlhf.stages.common import (
+    StageModule,
+    decode_query,
+    decode_responses,
+    frozen,
+    load_policy_and_reference,
+    lora_hparam,
+    lora_settings,
+)
 from lit_rlhf.stages.policy_eval import RANK_SEED_STRIDE, PolicyValidation, sample_and_score
 
 REFERENCES = ("sft", "previous")
@@ -71,6 +80,9 @@ class OnlineDPOModule(PolicyValidation, StageModule):
         num_samples: rows kept for the sample tables.
         trainable_layers: train only the top N blocks (``None`` = all); the frozen lower blocks the policy shares
             with the reference run once per batch (:class:`~lit_rlhf.models.trunk.FrozenTrunk`).
+        lora: train LoRA adapters (peft) on the frozen SFT model instead of all weights (``None`` = off); exclusive
+            with ``trainable_layers``. The export merges them (``lora.merge_on_export``).
+            The SFT reference is then the policy with its adapters disabled; ``reference="previous"`` is not offered.
     """
 
     stage_name = "online-dpo"
@@ -104,6 +116,7 @@ class OnlineDPOModule(PolicyValidation, StageModule):
         rollout_batch_size: Optional[int] = None,
         num_samples: int = 8,
         trainable_layers: Optional[int] = None,
+        lora: Optional[LoRA] = None,
     ) -> None:
         super().__init__()
         check_arguments(
@@ -122,7 +135,11 @@ class OnlineDPOModule(PolicyValidation, StageModule):
         if samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt must be at least 2 to form pairs, got {samples_per_prompt}")
         dpo_loss(*torch.zeros(4, 1), beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)  # validate early
+        self.lora = lora_settings(type(self).__name__, lora, trainable_layers)
+        if self.lora is not None and reference == "previous":
+            raise ValueError("OnlineDPOModule: reference='previous' needs a second full copy; with lora use reference='sft'")
         self.save_hyperparameters()
+        self.hparams.lora = lora_hparam(self.lora)
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints leave out the frozen models
         self.init_policy_validation()
@@ -135,7 +152,7 @@ class OnlineDPOModule(PolicyValidation, StageModule):
     def load_models(self) -> None:
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.policy)
-        self.policy, self.ref_policy = load_policy_and_reference(hp.policy, hp.trainable_layers)
+        self.policy, self.ref_policy = load_policy_and_reference(hp.policy, hp.trainable_layers, lora=self.lora)
         # KL is always measured to SFT: a second frozen copy only when the reference moves
         self.sft_policy = frozen(load_causal_lm(hp.policy)) if hp.reference == "previous" else None
         self.reward_model = frozen(ScalarModel.load(hp.reward_model))

@@ -35,9 +35,17 @@ from lit_rlhf.algorithms import (
 from lit_rlhf.arguments import check_arguments, require
 from lit_rlhf.models.forward import generate, model_inputs, response_logprobs, sequence_scores
 from lit_rlhf.models.loading import load_tokenizer
+from lit_rlhf.models.lora import AdaptersDisabled, LoRA, add_lora
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.models.trunk import FrozenTrunk
-from lit_rlhf.stages.common import StageModule, freeze_bottom_layers, frozen, load_policy_and_reference
+from lit_rlhf.stages.common import (
+    StageModule,
+    freeze_bottom_layers,
+    frozen,
+    load_policy_and_reference,
+    lora_hparam,
+    lora_settings,
+)
 from lit_rlhf.stages.policy_eval import RANK_SEED_STRIDE, PolicyValidation
 
 #: ``whitening_scope`` values: each process's own batch (N+) or the global batch.
@@ -107,6 +115,12 @@ class PPOModule(PolicyValidation, StageModule):
         trainable_layers: train only the top N blocks of policy and value model (``None`` = all). The frozen
             lower blocks then run once per rollout batch for policy + reference and once for value + reward
             model, and are not re-run in the PPO epochs (:class:`~lit_rlhf.models.trunk.FrozenTrunk`; exact).
+        lora: train LoRA adapters (peft) on the frozen SFT policy (``None`` = off; exclusive with ``trainable_layers``).
+            The reference policy is then the policy with its adapters disabled, unless ``ref_policy`` names another
+            checkpoint: one copy of the SFT weights instead of two.
+        value_lora: LoRA adapters on the value model (its scalar head trained whole). When the value model starts from
+            the reward model (``value_model`` unset or equal to ``reward_model``), the reward model is the value model
+            with its adapters disabled: one copy of the reward-model weights instead of two.
     """
 
     stage_name = "ppo"
@@ -158,6 +172,8 @@ class PPOModule(PolicyValidation, StageModule):
         ptx_coef: float = 0.0,
         entropy_coef: float = 0.0,
         trainable_layers: Optional[int] = None,
+        lora: Optional[LoRA] = None,
+        value_lora: Optional[LoRA] = None,
     ) -> None:
         super().__init__()
         check_arguments(
@@ -177,7 +193,10 @@ class PPOModule(PolicyValidation, StageModule):
             raise ValueError(f"score_position must be one of {SCORE_POSITIONS}, got '{score_position}'")
         if whitening_scope not in WHITENING_SCOPES:
             raise ValueError(f"whitening_scope must be one of {WHITENING_SCOPES}, got '{whitening_scope}'")
+        self.lora = lora_settings(type(self).__name__, lora, trainable_layers)
+        self.value_lora = lora_settings(type(self).__name__, value_lora, trainable_layers)
         self.save_hyperparameters()
+        self.hparams.lora, self.hparams.value_lora = lora_hparam(self.lora), lora_hparam(self.value_lora)
         self.automatic_optimization = False
         self.kl_controller = KLController(kl_coef, kl_target, kl_horizon)  # fixed unless kl_target; checkpointed
         self.score_moments = RunningMoments()  # PPO-max running score statistics, checkpointed
@@ -191,9 +210,15 @@ class PPOModule(PolicyValidation, StageModule):
     def load_models(self) -> None:
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.policy)
-        self.policy, self.ref_policy = load_policy_and_reference(hp.policy, hp.trainable_layers, hp.ref_policy)
-        self.reward_model = frozen(ScalarModel.load(hp.reward_model))
-        self.value_model = freeze_bottom_layers(ScalarModel.load(hp.value_model or hp.reward_model), hp.trainable_layers)
+        self.policy, self.ref_policy = load_policy_and_reference(hp.policy, hp.trainable_layers, hp.ref_policy, self.lora)
+        value_model = ScalarModel.load(hp.value_model or hp.reward_model)
+        if self.value_lora is None:
+            self.value_model = freeze_bottom_layers(value_model, hp.trainable_layers)
+            self.reward_model = frozen(ScalarModel.load(hp.reward_model))
+            return
+        self.value_model = add_lora(value_model, self.value_lora, head="scalar_head")
+        same_weights = hp.value_model is None or hp.value_model == hp.reward_model
+        self.reward_model = AdaptersDisabled(self.value_model) if same_weights else frozen(ScalarModel.load(hp.reward_model))
 
     def share_frozen_trunks(self) -> None:
         """Find the frozen lower blocks policy/reference and value/reward model share (after any checkpoint load)."""

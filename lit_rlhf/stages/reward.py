@@ -14,8 +14,9 @@ from lit_rlhf.arguments import check_arguments
 from lit_rlhf.evaluation.metrics import GroupedAccuracy, preference_accuracy
 from lit_rlhf.models.forward import sequence_scores
 from lit_rlhf.models.loading import load_tokenizer
+from lit_rlhf.models.lora import LoRA, add_lora
 from lit_rlhf.models.scalar import ScalarModel
-from lit_rlhf.stages.common import StageModule, freeze_bottom_layers
+from lit_rlhf.stages.common import StageModule, freeze_bottom_layers, lora_hparam, lora_settings
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class RewardModule(StageModule):
         normalize: compute the R5 bias after training.
         padding_rtol: tolerance of the R7 padding check (1e-2); a larger difference is logged as a warning.
         trainable_layers: train only the top N blocks plus the head (``None`` = all).
+        lora: train LoRA adapters (peft) on the frozen backbone instead of all weights, the scalar head whole
+            (``None`` = off); exclusive with ``trainable_layers``. The export is always merged (the R5 bias lives in the
+            model's config).
     """
 
     stage_name = "rm"
@@ -57,6 +61,7 @@ class RewardModule(StageModule):
         normalize: bool = True,
         padding_rtol: float = 1e-2,
         trainable_layers: Optional[int] = None,
+        lora: Optional[LoRA] = None,
     ) -> None:
         super().__init__()
         check_arguments(
@@ -64,7 +69,9 @@ class RewardModule(StageModule):
             positive=("lr", "eps", "padding_rtol"),
             non_negative=("weight_decay", "trainable_layers"),
         )
+        self.lora = lora_settings(type(self).__name__, lora, trainable_layers)
         self.save_hyperparameters()
+        self.hparams.lora = lora_hparam(self.lora)
         self.by_batch = GroupedAccuracy()
         self.by_confidence = GroupedAccuracy()
         self.chosen_mean, self.rejected_mean = MeanMetric(), MeanMetric()
@@ -73,7 +80,11 @@ class RewardModule(StageModule):
 
     def load_models(self) -> None:
         self.tokenizer = load_tokenizer(self.hparams.model)
-        self.reward_model = freeze_bottom_layers(ScalarModel.from_backbone(self.hparams.model), self.hparams.trainable_layers)
+        model = ScalarModel.from_backbone(self.hparams.model)
+        if self.lora:
+            self.reward_model = add_lora(model, self.lora, head="scalar_head")
+        else:
+            self.reward_model = freeze_bottom_layers(model, self.hparams.trainable_layers)
 
     def pair_scores(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores ``(B,)`` of the chosen and rejected sequences, from one forward over both."""

@@ -11,7 +11,8 @@ from lit_rlhf.algorithms import LOSS_NORMALIZATIONS, sequence_cross_entropy
 from lit_rlhf.arguments import check_arguments
 from lit_rlhf.models.forward import generate, model_inputs
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
-from lit_rlhf.stages.common import StageModule, decode_query, decode_responses, freeze_bottom_layers
+from lit_rlhf.models.lora import LoRA, add_lora
+from lit_rlhf.stages.common import StageModule, decode_query, decode_responses, freeze_bottom_layers, lora_hparam, lora_settings
 
 
 class SFTModule(StageModule):
@@ -27,6 +28,8 @@ class SFTModule(StageModule):
         rouge_batches: validation batches that also sample for ROUGE (``None`` = all, 0 = none).
         num_samples: rows kept for the sample table.
         trainable_layers: train only the top N transformer blocks (``None`` = all; a CPU speed knob).
+        lora: train LoRA adapters (peft) on the frozen model instead of all weights (``None`` = off); exclusive
+            with ``trainable_layers``. The export merges them (``lora.merge_on_export``).
         response_only_loss: average the loss over reference-summary tokens (EOS included) only. Off by default:
             the recipe trains on the whole sequence. Small runs learn the "summary + EOS" format much faster
             with it, since the query is ~85% of the tokens.
@@ -51,6 +54,7 @@ class SFTModule(StageModule):
         trainable_layers: Optional[int] = None,
         response_only_loss: bool = False,
         loss_normalization: str = "sequence",
+        lora: Optional[LoRA] = None,
     ) -> None:
         super().__init__()
         check_arguments(
@@ -60,7 +64,9 @@ class SFTModule(StageModule):
         )
         if loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got '{loss_normalization}'")
+        self.lora = lora_settings(type(self).__name__, lora, trainable_layers)
         self.save_hyperparameters()
+        self.hparams.lora = lora_hparam(self.lora)
         self.rouge = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))
         self.validation_samples: list[dict[str, Any]] = []
         self.policy: Any = None
@@ -68,7 +74,8 @@ class SFTModule(StageModule):
 
     def load_models(self) -> None:
         self.tokenizer = load_tokenizer(self.hparams.model)
-        self.policy = freeze_bottom_layers(load_causal_lm(self.hparams.model), self.hparams.trainable_layers)
+        model = load_causal_lm(self.hparams.model)
+        self.policy = add_lora(model, self.lora) if self.lora else freeze_bottom_layers(model, self.hparams.trainable_layers)
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Next-token cross-entropy over the batch's real tokens (or response tokens only), weighted per
