@@ -1,18 +1,21 @@
 """Lightning callbacks: resumable checkpoints with preemption handling, Hugging Face export, sample tables in
-TensorBoard, validation results on disk."""
+TensorBoard, validation results on disk, resource usage (peak memory, throughput)."""
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -277,3 +280,46 @@ class ValidationResults(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write(trainer, pl_module)
+
+
+class ResourceUsage(L.Callback):
+    """Peak memory and training throughput of each process, written at the end of ``fit`` to
+    ``{dirpath}/resources-rank{R}.json`` (``dirpath=None``: ``trainer.default_root_dir``) and logged once.
+
+    Recorded: ``peak_rss_mb`` (the process's peak resident memory, MiB, from ``getrusage``), ``peak_gpu_mb``
+    (``torch.cuda.max_memory_allocated``, MiB, on GPU), ``train_seconds`` (the sum of the training batches' wall
+    time; checkpoint writes, which Lightning runs after this callback's ``on_train_batch_end``, and validation are
+    left out), ``batches``, ``rows`` (training rows on all processes: PPO episodes) and ``rows_per_second``.
+    """
+
+    def __init__(self, dirpath: Optional[str] = None) -> None:
+        self.dirpath = Path(dirpath) if dirpath else None
+        self.train_seconds, self.batches, self.rows, self._start = 0.0, 0, 0, None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._start is None:
+            return
+        self.train_seconds += time.perf_counter() - self._start
+        self.batches += 1
+        rows = batch.get("prompts", batch) if isinstance(batch, dict) else batch
+        first = next((value for value in rows.values() if torch.is_tensor(value)), None) if isinstance(rows, dict) else None
+        self.rows += (first.size(0) if first is not None else 0) * trainer.world_size
+        self._start = None
+
+    def usage(self) -> dict[str, float]:
+        """The figures so far (this process)."""
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+        return {
+            "peak_rss_mb": peak_rss_mb, "peak_gpu_mb": peak_gpu_mb, "train_seconds": self.train_seconds,
+            "batches": self.batches, "rows": self.rows, "rows_per_second": self.rows / max(self.train_seconds, 1e-9),
+        }
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        usage = {"rank": trainer.global_rank, "world_size": trainer.world_size, **self.usage()}
+        directory = self.dirpath or Path(trainer.default_root_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"resources-rank{trainer.global_rank}.json").write_text(json.dumps(usage, indent=1) + "\n")

@@ -50,3 +50,15 @@ def test_every_paper_stage_has_a_config():
     assert sorted(path.name for path in Path(PAPER).iterdir()) == sorted(SIZES)
     for size in SIZES:
         assert sorted(p.stem for p in (PAPER / size).glob("*.yaml")) == sorted(STAGES)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("stage", STAGES)
+def test_paper_config_has_an_fsdp2_variant(size, stage, capsys):
+    """The paper configs with ``configs/strategies/fsdp2.yaml`` after them: FSDP2 instead of their DeepSpeed/DDP."""
+    overlay = ROOT / "configs" / "strategies" / "fsdp2.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main([STAGES[stage], "fit", "--config", str(PAPER / size / f"{stage}.yaml"), "--config", str(overlay), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    strategy = yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]
+    assert strategy["class_path"] == "lit_rlhf.strategies.FSDP2Strategy" and strategy["init_args"]["shard_frozen"] is True

@@ -143,3 +143,26 @@ def test_ppo_with_lora_policy_and_value_model(tiny_model_dir, tiny_reward_dir, q
     ids = data["query_responses"].masked_fill(data["query_responses"] == pad, 0)
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=ids).logits, module.policy(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "online_dpo"])
+def test_every_policy_and_reward_stage_trains_lora_and_exports_a_plain_model(stage, tiny_model_dir, tiny_reward_dir, tmp_path):
+    if stage == "online_dpo":
+        model = {"policy": str(tiny_model_dir), "reward_model": str(tiny_reward_dir), "non_eos_penalty": False}
+    else:
+        model = {"model": str(tiny_model_dir)}
+    config = stage_config(stage, tmp_path, model={**model, "lr": 1e-2, "lora": {"r": 4}})
+    main([stage.replace("_", "-"), "fit", "--config", str(config)])
+    export = tmp_path / stage / "model"
+    assert not (export / "adapter_config.json").exists()
+    if stage == "rm":
+        trained, initial = ScalarModel.load(str(export)), ScalarModel.from_backbone(str(tiny_model_dir))
+        assert trained.config.bias != 0.0  # the R5 normalisation reached the merged export
+    else:
+        trained, initial = AutoModelForCausalLM.from_pretrained(export), load_causal_lm(str(tiny_model_dir))
+    initial_state = initial.state_dict()
+    moved = max((value - initial_state[key]).abs().max().item() for key, value in trained.state_dict().items() if "head" not in key)
+    assert moved > 1e-6, "the merged adapters left the weights unchanged"
+    checkpoint = torch.load(tmp_path / stage / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["hyper_parameters"]["lora"]["r"] == 4  # a plain dict: the checkpoint loads with weights_only
