@@ -39,7 +39,7 @@ test-fast: venv
 	$(VENV)/bin/pytest -q -m "not slow and not distributed"
 
 lint: venv
-	$(VENV)/bin/ruff check lit_rlhf tests
+	$(VENV)/bin/ruff check lit_rlhf tests benchmarks
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

@@ -44,7 +44,8 @@ def run(name: str, args: argparse.Namespace, out: Path) -> list[dict]:
     root = out / name.replace(" ", "_").replace("=", "")
     shutil.rmtree(root, ignore_errors=True)
     threads = max(1, (os.cpu_count() or 2) // processes)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(threads)}
     command = [
         sys.executable, "-m", "lit_rlhf.cli", "ppo", "fit", "--config", str(ROOT / "configs" / "quickstart" / config),
         "--model.policy", str(args.sft), "--model.reward_model", str(args.rm), "--data.total_episodes", str(args.episodes),
