@@ -7,7 +7,8 @@ the stage module's ``configure_model`` applies ``fully_shard`` per decoder block
 * ``shard_frozen``: the frozen models (reference policy, reward model) are sharded like the trained ones (default),
   or replicated on every process (no all-gather in their forwards, full memory).
 * Checkpoints are distributed checkpoints (a directory per checkpoint, one shard file per process) that leave out
-  the frozen models, as every stage's checkpoints do (they are on disk already); loading reads the rest.
+  the frozen models and LoRA base weights, as every stage's checkpoints do (they are on disk already); loading reads
+  the rest.
 
 Tensor parallelism is not offered: the models here are small enough for FSDP alone, and the stages' generation
 and logprob code assumes replicated activations.
@@ -46,8 +47,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def load_checkpoint(self, checkpoint_path: Union[str, Path], weights_only: Optional[bool] = None) -> dict[str, Any]:
-        """Load a distributed checkpoint written without the module's ``frozen_submodules`` (a full checkpoint file
-        goes through Lightning's loader)."""
+        """Load a distributed checkpoint written without what the stage module's ``excluded_from_checkpoints`` names
+        (frozen models, LoRA base weights); a full checkpoint file goes through Lightning's loader."""
         path = Path(self.broadcast(checkpoint_path))
         if not _is_sharded_checkpoint(path):
             return super().load_checkpoint(path, weights_only=weights_only)
@@ -60,8 +61,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             set_optimizer_state_dict,
         )
 
-        frozen = tuple(f"{name}." for name in getattr(self.lightning_module, "frozen_submodules", ()))
-        model_state = {key: value for key, value in get_model_state_dict(self.model).items() if not key.startswith(frozen)}
+        model_state = get_model_state_dict(self.model)
+        excluded = getattr(self.lightning_module, "excluded_from_checkpoints", lambda keys: set())(model_state)
+        model_state = {key: value for key, value in model_state.items() if key not in excluded}
         load({"state_dict": model_state}, checkpoint_id=path)
         set_model_state_dict(self.model, model_state, options=StateDictOptions(strict=False))
         for index, optimizer in enumerate(self.optimizers):

@@ -221,6 +221,22 @@ def test_ppo_max_killed_after_critic_warmup_resumes_bit_identically(tiny_model_d
 
 # ------------------------------------------------------------------------------------------------ online DPO
 @pytest.mark.timeout(600)
+def test_lora_ppo_killed_after_an_update_resumes_bit_identically(tiny_model_dir, tiny_reward_dir, tmp_path):
+    """LoRA policy and value model: the checkpoints hold the adapters and heads only (the frozen bases are reloaded
+    from disk), and the resumed run still ends bit-identical."""
+    model = {"policy": str(tiny_model_dir), "reward_model": str(tiny_reward_dir), "lr": 1e-3, "num_ppo_epochs": 2,
+             "lora": {"r": 4}, "value_lora": {"r": 4}}
+    stage = Stage("ppo", tmp_path, model, data={"total_episodes": 6})
+    checkpoint = {"every_n_updates": 1}
+    stage.run("uninterrupted", checkpoint)
+    before, after = kill_and_resume(stage, checkpoint, {"step": 2}, "resumed")
+    assert_exact_resume(stage, "resumed", "uninterrupted", before, after)
+    keys = [key for key in load_checkpoint(stage.directory("resumed") / "checkpoints" / "last.ckpt")["state_dict"]
+            if key.startswith(("policy.", "value_model."))]
+    assert keys and all("lora_" in key or "modules_to_save" in key for key in keys), keys[:5]
+
+
+@pytest.mark.timeout(600)
 def test_online_dpo_killed_after_an_iteration_resumes_bit_identically(tiny_model_dir, tiny_reward_dir, tmp_path):
     model = {"policy": str(tiny_model_dir), "reward_model": str(tiny_reward_dir), "lr": 1e-3, "trainable_layers": 1,
              "non_eos_penalty": False}

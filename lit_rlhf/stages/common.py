@@ -254,12 +254,23 @@ class StageModule(L.LightningModule):
         step = self.hparams.get("rollout_batch_size") or size
         return [slice(i, i + step) for i in range(0, size, step)]
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop :attr:`frozen_submodules` from the checkpoint's state dict (they are on disk already) and add the
-        random states of every rank (called on every rank; rank ``r``'s state is entry ``r``)."""
+    def excluded_from_checkpoints(self, keys: Iterable[str]) -> set[str]:
+        """The state-dict ``keys`` checkpoints leave out, because ``configure_model`` loads them from disk unchanged:
+        the :attr:`frozen_submodules` and the frozen base weights of LoRA models (everything but adapters and heads)."""
         prefixes = tuple(f"{name}." for name in self.frozen_submodules)
-        if prefixes:
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefixes)}
+        frozen_base = {
+            f"{name}.{parameter}"
+            for name, child in self.named_children() if is_peft(child)
+            for parameter, value in child.named_parameters(remove_duplicate=False) if not value.requires_grad
+        }
+        return {key for key in keys if key.startswith(prefixes) or key in frozen_base} if prefixes or frozen_base else set()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop what :meth:`excluded_from_checkpoints` names from the checkpoint's state dict (it is on disk already)
+        and add the random states of every rank (called on every rank; rank ``r``'s state is entry ``r``)."""
+        excluded = self.excluded_from_checkpoints(checkpoint["state_dict"])
+        if excluded:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in excluded}
         state = _portable_rng_states(_collect_rng_states(include_cuda=torch.cuda.is_available()))
         states = [state]
         if self.trainer.world_size > 1 and torch.distributed.is_initialized():

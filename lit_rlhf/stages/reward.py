@@ -72,6 +72,7 @@ class RewardModule(StageModule):
         self.lora = lora_settings(type(self).__name__, lora, trainable_layers)
         self.save_hyperparameters()
         self.hparams.lora = lora_hparam(self.lora)
+        self.strict_loading = self.lora is None  # LoRA checkpoints leave out the frozen base weights
         self.by_batch = GroupedAccuracy()
         self.by_confidence = GroupedAccuracy()
         self.chosen_mean, self.rejected_mean = MeanMetric(), MeanMetric()

@@ -67,6 +67,7 @@ class SFTModule(StageModule):
         self.lora = lora_settings(type(self).__name__, lora, trainable_layers)
         self.save_hyperparameters()
         self.hparams.lora = lora_hparam(self.lora)
+        self.strict_loading = self.lora is None  # LoRA checkpoints leave out the frozen base weights
         self.rouge = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))
         self.validation_samples: list[dict[str, Any]] = []
         self.policy: Any = None
