@@ -126,3 +126,15 @@ def run_processes(stage: str, config: Path, strategy: str, *args: str, devices: 
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
     assert f"Starting with {devices} processes" in output
     return output
+
+
+def validation_queries(tokenizer_dir: Path, rows: int) -> torch.Tensor:
+    """The first ``rows`` left-padded validation queries ``(rows, QUERY_LENGTH)`` of the shared TL;DR sample."""
+    from lit_rlhf.data.datamodules import PromptDataModule
+
+    data = PromptDataModule(
+        path=str(SFT_DATA), tokenizer=str(tokenizer_dir), query_length=QUERY_LENGTH, response_length=SFT_RESPONSE_LENGTH,
+        max_length=SFT_MAX_LENGTH, eval_batch_size=rows, val_samples=rows,
+    )
+    data.setup("validate")
+    return next(iter(data.val_dataloader()))["query_ids"]

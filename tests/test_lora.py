@@ -6,12 +6,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import SFT_DATA
-from stage_helpers import QUERY_LENGTH, SFT_MAX_LENGTH, SFT_RESPONSE_LENGTH, assert_finite, last_record, stage_config
+from stage_helpers import assert_finite, last_record, stage_config, validation_queries
 from transformers import AutoModelForCausalLM
 
 from lit_rlhf.cli import main
-from lit_rlhf.data.datamodules import PromptDataModule
 from lit_rlhf.models.forward import response_logprobs, sequence_scores
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lit_rlhf.models.lora import AdaptersDisabled, LoRA, add_lora, merged_model, save_lora_model
@@ -25,12 +23,7 @@ RESPONSE_LENGTH = 6
 
 @pytest.fixture(scope="module")
 def queries(tiny_model_dir) -> torch.Tensor:
-    data = PromptDataModule(
-        path=str(SFT_DATA), tokenizer=str(tiny_model_dir), query_length=QUERY_LENGTH, response_length=SFT_RESPONSE_LENGTH,
-        max_length=SFT_MAX_LENGTH, eval_batch_size=3, val_samples=3,
-    )
-    data.setup("validate")
-    return next(iter(data.val_dataloader()))["query_ids"]
+    return validation_queries(tiny_model_dir, 3)
 
 
 def perturb_adapters(model: torch.nn.Module, seed: int = 0) -> None:

@@ -25,13 +25,14 @@ from stage_helpers import (
     load_checkpoint,
     results,
     stage_config,
+    validation_queries,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lit_rlhf.stages.ppo as ppo_stage
 from lit_rlhf.algorithms import INVALID_LOGPROB
 from lit_rlhf.cli import main
-from lit_rlhf.data.datamodules import PreferenceDataModule, PromptDataModule
+from lit_rlhf.data.datamodules import PreferenceDataModule
 from lit_rlhf.models.forward import sequence_scores
 from lit_rlhf.models.loading import PAD_TOKEN, load_tokenizer
 from lit_rlhf.models.scalar import ScalarModel
@@ -245,12 +246,7 @@ def ppo_module(tiny_model_dir, tiny_reward_dir) -> PPOModule:
 
 @pytest.fixture(scope="module")
 def queries(tiny_model_dir) -> torch.Tensor:
-    data = PromptDataModule(
-        path=str(SFT_DATA), tokenizer=str(tiny_model_dir), query_length=QUERY_LENGTH, response_length=SFT_RESPONSE_LENGTH,
-        max_length=SFT_MAX_LENGTH, eval_batch_size=4, val_samples=4,
-    )
-    data.setup("validate")
-    return next(iter(data.val_dataloader()))["query_ids"]
+    return validation_queries(tiny_model_dir, 4)
 
 
 def test_rollout_shapes_and_masks(ppo_module, queries):
