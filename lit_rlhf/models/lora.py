@@ -59,11 +59,7 @@ def add_lora(model: nn.Module, settings: LoRA, head: Optional[str] = None) -> nn
     """
     from peft import LoraConfig, get_peft_model
 
-    kwargs: dict[str, Any] = {}
-    if head is not None:
-        kwargs = {"modules_to_save": [head], "exclude_modules": [head]}
-    else:
-        kwargs = {"task_type": "CAUSAL_LM"}
+    kwargs: dict[str, Any] = {"modules_to_save": [head], "exclude_modules": [head]} if head else {"task_type": "CAUSAL_LM"}
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=settings.target_modules, **kwargs)
     peft_model = get_peft_model(model, config)
@@ -92,10 +88,6 @@ class AdaptersDisabled:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self.peft_model.disable_adapter():
             return self.peft_model(*args, **kwargs)
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        with self.peft_model.disable_adapter():
-            return self.peft_model.generate(*args, **kwargs)
 
     @property
     def device(self) -> torch.device:
