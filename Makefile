@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# deepspeed (a test dependency, an optional extra otherwise) builds no CUDA ops here; it JIT-compiles what it needs
+export DS_BUILD_OPS := 0
 
 .PHONY: venv quickstart quickstart-dpo report test test-fast lint clean
 

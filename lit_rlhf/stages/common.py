@@ -18,7 +18,14 @@ from torch import nn
 from lit_rlhf.algorithms import truncate_after_eos
 from lit_rlhf.models.loading import load_causal_lm
 from lit_rlhf.models.lora import AdaptersDisabled, LoRA, add_lora, is_peft, save_lora_model
-from lit_rlhf.models.parallel import full_state_dict, is_sharded, local_tensor, shard_model
+from lit_rlhf.models.parallel import (
+    deepspeed_engine,
+    full_state_dict,
+    is_sharded,
+    local_tensor,
+    register_zero3_engine,
+    shard_model,
+)
 
 
 def adamw_with_schedule(
@@ -190,10 +197,14 @@ class StageModule(L.LightningModule):
 
         The frozen models are sharded too unless the strategy says ``shard_frozen=False``.
 
+        Under Lightning's ``DeepSpeedStrategy`` (:meth:`prepare_deepspeed`) ZeRO-3 partitions the models as they load
+        (transformers' DeepSpeed integration), and ``max_grad_norm`` becomes DeepSpeed's ``gradient_clipping``.
+
         Raises:
             ValueError: with a tensor-parallel mesh (only data parallelism is supported).
         """
         if not getattr(self, "_models_loaded", False):
+            self.prepare_deepspeed()
             self.load_models()
             self._models_loaded = True
         mesh = self._device_mesh
@@ -211,6 +222,28 @@ class StageModule(L.LightningModule):
             shard_model(child, data_parallel)
         self._models_sharded = True
 
+    def prepare_deepspeed(self) -> None:
+        """Before :meth:`load_models` under Lightning's ``DeepSpeedStrategy``: with ZeRO-3, hold a transformers
+        ``HfDeepSpeedConfig`` so that ``from_pretrained`` loads each weight straight into its partitions; with a
+        ``max_grad_norm`` hyperparameter, set DeepSpeed's ``gradient_clipping`` to it (DeepSpeed clips inside
+        ``engine.step()``; Lightning's ``clip_gradients`` is a no-op there and ``Trainer(gradient_clip_val=...)``
+        is refused under manual optimisation). Nothing under any other strategy."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        config = getattr(strategy, "config", None)
+        if type(strategy).__name__ != "DeepSpeedStrategy" or not isinstance(config, dict):
+            return
+        max_grad_norm = self.hparams.get("max_grad_norm")
+        if max_grad_norm is not None:
+            config["gradient_clipping"] = float(max_grad_norm)
+        if (config.get("zero_optimization") or {}).get("stage") == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_deepspeed_config = HfDeepSpeedConfig(config)  # transformers keeps a weak reference: hold it
+
+    def _register_deepspeed_engine(self) -> None:
+        engine = deepspeed_engine(self._trainer.strategy) if self._trainer is not None else None
+        register_zero3_engine(engine if engine is not None and engine.zero_optimization_stage() == 3 else None)
+
     def share_frozen_trunks(self) -> None:
         """Set up :class:`~lit_rlhf.models.trunk.FrozenTrunk` sharing between this stage's models (none here).
 
@@ -227,6 +260,7 @@ class StageModule(L.LightningModule):
             self.check_datamodule(self.trainer.datamodule)
 
     def on_fit_start(self) -> None:
+        self._register_deepspeed_engine()
         self.share_frozen_trunks()
 
     def on_train_start(self) -> None:
@@ -244,9 +278,11 @@ class StageModule(L.LightningModule):
             self._rng_states_to_restore = None
 
     def on_validation_start(self) -> None:
+        self._register_deepspeed_engine()
         self.share_frozen_trunks()
 
     def on_test_start(self) -> None:
+        self._register_deepspeed_engine()
         self.share_frozen_trunks()
 
     def row_chunks(self, size: int) -> list[slice]:

@@ -21,7 +21,7 @@ from lit_rlhf.arguments import check_arguments
 from lit_rlhf.models.forward import response_logprob_sums, response_logprobs
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lit_rlhf.models.lora import LoRA
-from lit_rlhf.models.parallel import copy_weights
+from lit_rlhf.models.parallel import accumulation_boundary, copy_weights
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.models.trunk import FrozenTrunk
 from lit_rlhf.stages.common import (
@@ -252,6 +252,7 @@ class OnlineDPOModule(PolicyValidation, StageModule):
             minibatches = torch.randperm(num_pairs, device=pairs.device).split(hp.dpo_batch_size)
             for step in range(steps):
                 rows = minibatches[step % len(minibatches)]
+                accumulation_boundary(self.trainer.strategy, True)  # DeepSpeed: one forward/backward per step
                 both = torch.cat([rows, rows + num_pairs])  # chosen rows then their rejected rows
                 policy = response_logprob_sums(
                     self.policy_trunk.top(self.policy), pairs[both], context_length, pad, None if hidden is None else hidden[both]

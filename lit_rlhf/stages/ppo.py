@@ -36,6 +36,7 @@ from lit_rlhf.arguments import check_arguments, require
 from lit_rlhf.models.forward import generate, model_inputs, response_logprobs, sequence_scores
 from lit_rlhf.models.loading import load_tokenizer
 from lit_rlhf.models.lora import AdaptersDisabled, LoRA, add_lora
+from lit_rlhf.models.parallel import accumulation_boundary, deepspeed_engine
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.models.trunk import FrozenTrunk
 from lit_rlhf.stages.common import (
@@ -226,6 +227,11 @@ class PPOModule(PolicyValidation, StageModule):
         self.value_trunk = FrozenTrunk.shared_by(self.value_model, self.reward_model)
 
     def on_fit_start(self) -> None:
+        if self.hparams.critic_warmup_updates and deepspeed_engine(self.trainer.strategy) is not None:
+            raise ValueError(
+                "ppo: critic_warmup_updates is not supported under DeepSpeed (its optimizer would step the policy "
+                "too); use FSDP2 or DDP, or critic_warmup_updates=0"
+            )
         torch.manual_seed(self.hparams.seed + self.global_rank * RANK_SEED_STRIDE)  # recipe P11
         self._start_time = time.time()
         super().on_fit_start()
@@ -359,6 +365,7 @@ class PPOModule(PolicyValidation, StageModule):
                     )
                 micro_batches = mini.split(micro_batch_size)
                 for index, micro in enumerate(micro_batches):
+                    accumulation_boundary(self.trainer.strategy, index == len(micro_batches) - 1)  # DeepSpeed
                     loss, step_stats = self.ppo_loss({**data, "advantages": advantages}, micro, context_length, value_only)
                     loss = loss / len(micro_batches)
                     if ptx_batch is not None and hp.ptx_coef and index == len(micro_batches) - 1:
@@ -372,7 +379,7 @@ class PPOModule(PolicyValidation, StageModule):
                 if value_only:  # AdamW skips parameters without a gradient: no weight decay on the policy either
                     for param in self.policy.parameters():
                         param.grad = None
-                if hp.max_grad_norm is not None:
+                if hp.max_grad_norm is not None:  # DeepSpeed: its gradient_clipping (prepare_deepspeed)
                     self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
                 optimizer.zero_grad()
