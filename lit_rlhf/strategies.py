@@ -1,4 +1,5 @@
-"""FSDP2 for the stage modules: Lightning's ``ModelParallelStrategy`` with data parallelism only.
+"""Sharded strategies for the stage modules: FSDP2 (Lightning's ``ModelParallelStrategy`` with data parallelism
+only) and Lightning's ``DeepSpeedStrategy`` with the frozen models under their own ZeRO-3 CPU-offload engines.
 
 ``--trainer.strategy lit_rlhf.strategies.FSDP2Strategy`` (or ``configs/strategies/fsdp2.yaml``) shards any stage:
 the stage module's ``configure_model`` applies ``fully_shard`` per decoder block to each of its models
@@ -12,6 +13,11 @@ the stage module's ``configure_model`` applies ``fully_shard`` per decoder block
 
 Tensor parallelism is not offered: the models here are small enough for FSDP alone, and the stages' generation
 and logprob code assumes replicated activations.
+
+:class:`DeepSpeedFrozenOffload` (``--trainer.strategy deepspeed_stage_2_offload_frozen``) is ``DeepSpeedStrategy``
+(ZeRO-2 for the trained models) that hands the frozen reference policy / reward model to inference-only ZeRO-3 engines
+with their parameters in CPU memory, fetched block by block for each forward (N+'s Pythia-6.9B set-up). GPU only:
+Lightning's ``DeepSpeedStrategy`` refuses a CPU accelerator.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any, Optional, Union
 
 import torch
 from lightning.fabric.strategies.model_parallel import _METADATA_FILENAME, _is_sharded_checkpoint
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -74,9 +80,41 @@ class FSDP2Strategy(ModelParallelStrategy):
         return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
 
 
+class DeepSpeedFrozenOffload(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` whose stage modules put their frozen models (reference policy, reward model)
+    under separate inference-only ZeRO-3 engines with CPU parameter offload
+    (:meth:`lit_rlhf.stages.common.StageModule.offload_frozen_models`): the trained models keep ``stage`` (2 by
+    default), the frozen ones cost GPU memory only while a block runs.
+
+    Args:
+        offload_frozen: ``False`` is plain ``DeepSpeedStrategy``.
+        (others): as ``DeepSpeedStrategy``.
+
+    Raises:
+        ValueError: with ``stage=3`` for the trained models (their ``deepspeed.zero.Init`` would partition the frozen
+            models too; use ``deepspeed_stage_3`` alone).
+    """
+
+    strategy_name = "lit_rlhf_deepspeed_offload_frozen"
+
+    def __init__(self, offload_frozen: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("stage", 2)
+        super().__init__(**kwargs)
+        if offload_frozen and self.zero_stage_3:
+            raise ValueError("DeepSpeedFrozenOffload: offload_frozen needs stage 2 (or 1) for the trained models, not 3")
+        self.offload_frozen = offload_frozen
+
+
 def register_strategies() -> None:
-    """Make ``--trainer.strategy fsdp2`` (frozen models sharded) and ``fsdp2_replicate_frozen`` known to Lightning."""
+    """Make ``--trainer.strategy fsdp2`` (frozen models sharded), ``fsdp2_replicate_frozen`` and
+    ``deepspeed_stage_2_offload_frozen`` known to Lightning."""
     from lightning.pytorch.strategies import StrategyRegistry
+
+    if "deepspeed_stage_2_offload_frozen" not in StrategyRegistry:
+        StrategyRegistry.register(
+            "deepspeed_stage_2_offload_frozen", DeepSpeedFrozenOffload,
+            description="DeepSpeed ZeRO-2, frozen models under ZeRO-3 with CPU parameter offload", stage=2,
+        )
 
     for name, shard_frozen in (("fsdp2", True), ("fsdp2_replicate_frozen", False)):
         if name not in StrategyRegistry:

@@ -2,6 +2,7 @@
 gloo), checked against the same tiny model trained by plain PyTorch in every process.
 
 Usage: ``python -m torch.distributed.run --nproc_per_node 2 tests/deepspeed_worker.py MODEL_DIR STAGE``.
+Stage 2 also checks a frozen model under its own ZeRO-3 CPU-offload engine (``offload_to_cpu_engine``).
 Prints ``DEEPSPEED-CHECKS-PASSED stage=S`` at the end; any mismatch raises.
 """
 
@@ -27,6 +28,33 @@ def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
 
 
+def check_frozen_offload(model_dir, offload_to_cpu_engine, is_sharded, full_state_dict, rank) -> None:
+    """A frozen model under its own ZeRO-3 CPU-offload engine (next to a ZeRO-2 training engine, as
+    ``deepspeed_stage_2_offload_frozen`` builds it): partitioned, called as before, the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    frozen = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).requires_grad_(False)
+    engine = offload_to_cpu_engine(frozen, bf16=False)
+    assert is_sharded(frozen) and not frozen.training
+    ids = torch.randint(3, 1000, (2, 7))
+    torch.distributed.broadcast(ids, 0)
+    with torch.no_grad():
+        got, want = frozen(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert (got - want).abs().max().item() < 1e-5, (got - want).abs().max()
+    full = full_state_dict(frozen)
+    if rank == 0:
+        assert torch.equal(full["model.embed_tokens.weight"], plain.state_dict()["model.embed_tokens.weight"])
+    trainable = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    try:
+        offload_to_cpu_engine(trainable, bf16=False)
+    except ValueError as error:
+        assert "trainable parameters" in str(error)
+    else:
+        raise AssertionError("offload_to_cpu_engine accepted a model with trainable parameters")
+    del engine
+
+
 def main(model_dir: str, stage: int) -> None:
     import deepspeed
     from transformers import AutoModelForCausalLM
@@ -38,6 +66,7 @@ def main(model_dir: str, stage: int) -> None:
         full_state_dict,
         gathered_for_generation,
         is_sharded,
+        offload_to_cpu_engine,
         register_zero3_engine,
     )
 
@@ -100,6 +129,8 @@ def main(model_dir: str, stage: int) -> None:
         expected = plain.state_dict()
         difference = max((trained[k] - expected[k]).abs().max().item() for k in trained)
         assert difference < 1e-5, f"ZeRO-{stage} accumulated step differs from the plain step by {difference}"
+    if stage == 2:
+        check_frozen_offload(model_dir, offload_to_cpu_engine, is_sharded, full_state_dict, rank)
     torch.distributed.barrier()
     print(f"DEEPSPEED-CHECKS-PASSED stage={stage} rank={rank}", flush=True)
 

@@ -120,6 +120,38 @@ def accumulation_boundary(strategy: Any, is_last: bool) -> None:
     engine.set_gradient_accumulation_boundary(is_last)
 
 
+def offload_to_cpu_engine(model: nn.Module, bf16: bool) -> Any:
+    """Put a frozen model under an inference-only DeepSpeed ZeRO-3 engine whose parameter partitions live in CPU
+    memory (pinned where CUDA is present): each forward fetches a block's parameters to the device, runs it and frees
+    them, so the model costs device memory one block at a time (N+'s reference policy and reward model at 6.9B).
+
+    The model is then called as before (``model(...)``): the engine's hooks sit on its submodules. Its parameters
+    become ZeRO-3 partitions (:func:`is_sharded` is true; :func:`full_state_dict` gathers them).
+
+    Args:
+        model: a frozen ``nn.Module`` (no parameter requires grad).
+        bf16: run it in bf16 (the training precision's dtype), else in the model's own dtype.
+
+    Returns:
+        the ``deepspeed.DeepSpeedEngine``, in eval mode; keep a reference for as long as the model is used.
+
+    Raises:
+        ValueError: if a parameter of ``model`` requires grad.
+    """
+    import deepspeed
+
+    if any(p.requires_grad for p in model.parameters()):
+        raise ValueError("offload_to_cpu_engine: the model has trainable parameters; only frozen models are offloaded")
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": torch.cuda.is_available()}},
+    }
+    engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+    engine.eval()
+    return engine
+
+
 @contextlib.contextmanager
 def _zero3_gathered(model: nn.Module) -> Iterator[None]:
     import deepspeed

@@ -23,6 +23,7 @@ from lit_rlhf.models.parallel import (
     full_state_dict,
     is_sharded,
     local_tensor,
+    offload_to_cpu_engine,
     register_zero3_engine,
     shard_model,
 )
@@ -207,6 +208,8 @@ class StageModule(L.LightningModule):
             self.prepare_deepspeed()
             self.load_models()
             self._models_loaded = True
+            if getattr(self._trainer.strategy if self._trainer is not None else None, "offload_frozen", False):
+                self.offload_frozen_models()
         mesh = self._device_mesh
         if mesh is None or getattr(self, "_models_sharded", False):
             return
@@ -239,6 +242,25 @@ class StageModule(L.LightningModule):
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_deepspeed_config = HfDeepSpeedConfig(config)  # transformers keeps a weak reference: hold it
+
+    def offload_frozen_models(self) -> None:
+        """Hand each full frozen model (:attr:`frozen_submodules`; LoRA views have nothing of their own) to an
+        inference-only DeepSpeed ZeRO-3 engine whose parameters live in pinned CPU memory and are fetched to the GPU
+        block by block in each forward (:class:`lit_rlhf.strategies.DeepSpeedFrozenOffload`, N+'s 6.9B set-up).
+
+        The model stays reachable under its name but leaves the module tree, so that Lightning's training engine
+        neither moves it to the GPU nor wraps it again; checkpoints leave it out as they leave out every frozen model.
+        """
+        bf16 = "bf16" in str(self.trainer.strategy.precision_plugin.precision)
+        self._frozen_engines = {}
+        for name in self.frozen_submodules:
+            model = self._modules.get(name)
+            if model is None:
+                continue
+            del self._modules[name]
+            engine = offload_to_cpu_engine(model, bf16)
+            object.__setattr__(self, name, model)  # a plain attribute: outside the module tree
+            self._frozen_engines[name] = engine
 
     def _register_deepspeed_engine(self) -> None:
         engine = deepspeed_engine(self._trainer.strategy) if self._trainer is not None else None

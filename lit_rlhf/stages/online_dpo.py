@@ -149,6 +149,18 @@ class OnlineDPOModule(PolicyValidation, StageModule):
         self.policy_trunk = FrozenTrunk()
 
     # ------------------------------------------------------------------ models
+    def offload_frozen_models(self) -> None:
+        """As :meth:`StageModule.offload_frozen_models`; the moving ``reference="previous"`` is refused there.
+
+        Raises:
+            ValueError: with ``reference="previous"`` (its weights are rewritten every iteration)."""
+        if self.hparams.reference == "previous":
+            raise ValueError(
+                'online-dpo: reference="previous" is rewritten every iteration and cannot be offloaded; '
+                'use reference="sft" or another strategy'
+            )
+        super().offload_frozen_models()
+
     def load_models(self) -> None:
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.policy)
