@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 # deepspeed (a test dependency, an optional extra otherwise) builds no CUDA ops here; it JIT-compiles what it needs
 export DS_BUILD_OPS := 0
 
-.PHONY: venv quickstart quickstart-dpo report test test-fast lint clean
+.PHONY: venv quickstart quickstart-dpo report test test-fast gpu-check lint clean
 
 venv: $(VENV)/.installed
 
@@ -39,6 +39,12 @@ test: venv
 
 test-fast: venv
 	$(VENV)/bin/pytest -q -m "not slow and not distributed"
+
+# On a CUDA machine: every stage under DeepSpeed ZeRO-2/3 (and frozen offload) and FSDP2 against the plain strategy,
+# then PPO throughput and peak GPU memory of a Pythia-1B-shaped policy per strategy. Skips (tests) without a GPU.
+gpu-check: venv
+	$(VENV)/bin/pytest -q -m gpu -rs
+	$(PY) benchmarks/ppo_gpu.py
 
 lint: venv
 	$(VENV)/bin/ruff check lit_rlhf tests benchmarks

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,17 +40,18 @@ VARIANTS = {
 }
 
 
-def run(name: str, args: argparse.Namespace, out: Path) -> list[dict]:
-    config, extra, processes = VARIANTS[name]
-    root = out / name.replace(" ", "_").replace("=", "")
+def fit_and_measure(name: str, config: Path, extra: list[str], processes: Optional[int], root: Path, episodes: int, precision: str,
+                    threads: int) -> list[dict]:
+    """``lit-rlhf ppo fit --config config *extra`` for ``episodes`` episodes in ``root`` (emptied first), without
+    validation, logger or the checkpoints it wrote; returns :class:`lit_rlhf.callbacks.ResourceUsage`'s record of
+    each process, with ``variant``, ``processes`` (``None``: the world size) and ``wall_seconds``
+    added. Exits with the run's stderr if it fails."""
     shutil.rmtree(root, ignore_errors=True)
-    threads = max(1, (os.cpu_count() or 2) // processes)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(threads)}
     command = [
-        sys.executable, "-m", "lit_rlhf.cli", "ppo", "fit", "--config", str(ROOT / "configs" / "quickstart" / config),
-        "--model.policy", str(args.sft), "--model.reward_model", str(args.rm), "--data.total_episodes", str(args.episodes),
-        "--trainer.precision", args.precision, "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+        sys.executable, "-m", "lit_rlhf.cli", "ppo", "fit", "--config", str(config), "--data.total_episodes", str(episodes),
+        "--trainer.precision", precision, "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
         "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
         "--trainer.callbacks+=lit_rlhf.callbacks.ResourceUsage", *extra,
     ]
@@ -59,9 +61,18 @@ def run(name: str, args: argparse.Namespace, out: Path) -> list[dict]:
         raise SystemExit(f"{name} failed:\n{process.stderr[-4000:]}")
     records = [json.loads(path.read_text()) for path in sorted(root.glob("resources-rank*.json"))]
     for record in records:
-        record.update(variant=name, processes=processes, wall_seconds=time.time() - start)
-    shutil.rmtree(root / "checkpoints", ignore_errors=True)  # ~1.5 GB per update
+        record.update(variant=name, processes=processes or record["world_size"], wall_seconds=time.time() - start)
+    shutil.rmtree(root / "checkpoints", ignore_errors=True)  # ~1.5 GB per update at 135M
     return records
+
+
+def run(name: str, args: argparse.Namespace, out: Path) -> list[dict]:
+    config, extra, processes = VARIANTS[name]
+    models = ["--model.policy", str(args.sft), "--model.reward_model", str(args.rm)]
+    return fit_and_measure(
+        name, ROOT / "configs" / "quickstart" / config, models + extra, processes, out / name.replace(" ", "_").replace("=", ""),
+        args.episodes, args.precision, max(1, (os.cpu_count() or 2) // processes),
+    )
 
 
 def main() -> None:

@@ -1,0 +1,89 @@
+"""Every stage under Lightning's DeepSpeed strategies and FSDP2 on CUDA (``make gpu-check``); skipped without a GPU.
+
+Each stage runs on the tiny model, in float32, once on the plain strategy (one GPU: no process group; several:
+DDP) and once under the strategy tested, with the same seed and data: the exported weights and the logged losses
+must agree within ``GPU_ATOL`` (cuBLAS may reorder reductions between the runs). PPO under DeepSpeed ZeRO-2 also
+resumes from a mid-run checkpoint (a DeepSpeed checkpoint directory) to the uninterrupted run's weights.
+
+Lightning's ``DeepSpeedStrategy`` refuses a CPU accelerator, so these are the only tests of lit_rlhf under it; the
+DeepSpeed helpers themselves are checked on CPU in ``tests/test_deepspeed.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from stage_helpers import results, run_processes, stage_config
+from test_fsdp2 import exported_weights, losses, max_difference, stage_settings
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+#: largest weight / loss difference allowed between the plain and the sharded run (float32 on one kind of GPU)
+GPU_ATOL = 1e-4
+STRATEGIES = ["deepspeed_stage_2", "deepspeed_stage_3", "fsdp2"]
+
+
+def devices() -> int:
+    return min(2, torch.cuda.device_count())
+
+
+def run_gpu(
+    stage: str, strategy: str, tmp_path: Path, model: dict, data: dict, *args: str, name: str = "", checkpoint: Optional[dict] = None
+) -> Path:
+    """``lit-rlhf {stage} fit`` on the GPUs under ``strategy``; ``checkpoint`` replaces StageCheckpoint's arguments."""
+    if strategy.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    config = stage_config(stage, tmp_path / (name or strategy), model=model, data=data)
+    if checkpoint is not None:
+        settings = yaml.safe_load(config.read_text())
+        settings["trainer"]["callbacks"][0]["init_args"] = checkpoint
+        config.write_text(yaml.safe_dump(settings))
+    run_processes(stage.replace("_", "-"), config, strategy, *args, devices=devices(), accelerator="gpu")
+    return tmp_path / (name or strategy) / stage
+
+
+def plain_strategy() -> str:
+    return "auto" if devices() == 1 else "ddp"
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("strategy", STRATEGIES + ["deepspeed_stage_2_offload_frozen"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "online_dpo"])
+def test_stage_trains_the_same_model_as_the_plain_strategy(stage, strategy, tiny_model_dir, tiny_reward_dir, tmp_path):
+    if strategy == "deepspeed_stage_2_offload_frozen" and stage in ("sft", "rm"):
+        pytest.skip("no frozen model to offload")
+    model, data = stage_settings(stage, tiny_model_dir, tiny_reward_dir)
+    plain = run_gpu(stage, plain_strategy(), tmp_path, model, data, name="plain")
+    sharded = run_gpu(stage, strategy, tmp_path, model, data)
+    plain_weights, sharded_weights = exported_weights(plain), exported_weights(sharded)
+    assert max_difference(plain_weights, sharded_weights) <= GPU_ATOL
+    if stage != "rm":
+        initial = {f".:{key}": value for key, value in load_file(tiny_model_dir / "model.safetensors").items()}
+        assert max((plain_weights[key] - initial[key]).abs().max().item() for key in initial) > 1e-4, "training moved nothing"
+    plain_losses, sharded_losses = losses(plain), losses(sharded)
+    assert plain_losses and plain_losses.keys() == sharded_losses.keys()
+    for key, value in plain_losses.items():
+        assert sharded_losses[key] == pytest.approx(value, abs=GPU_ATOL), key
+
+
+@pytest.mark.timeout(1200)
+def test_deepspeed_ppo_resumes_from_a_mid_run_checkpoint(tiny_model_dir, tiny_reward_dir, tmp_path):
+    model, data = stage_settings("ppo", tiny_model_dir, tiny_reward_dir)
+    every_update = {"every_n_updates": 1, "save_top_k": -1}
+    full = run_gpu("ppo", "deepspeed_stage_2", tmp_path, model, data, name="full", checkpoint=every_update)
+    mid_run = full / "checkpoints" / "epoch=0-step=2.ckpt"
+    assert mid_run.is_dir(), sorted(p.name for p in (full / "checkpoints").iterdir())
+    assert not list((full / "checkpoints").glob("*.partial"))
+    resumed = run_gpu("ppo", "deepspeed_stage_2", tmp_path, model, data, "--ckpt_path", str(mid_run), name="resumed")
+    assert max_difference(exported_weights(resumed), exported_weights(full)) <= GPU_ATOL
+    steps = [[r["global_step"] for r in results(run) if r["fn"] == "fit"][-1] for run in (full, resumed)]
+    assert steps[0] == steps[1]
