@@ -16,7 +16,6 @@ hub is out of reach there, and throughput and memory depend on the shapes, not o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ppo_memory import fit_and_measure  # noqa: E402
+from ppo_memory import fit_and_measure, report  # noqa: E402
 
 #: GPT-NeoX shapes: Pythia-1B (https://huggingface.co/EleutherAI/pythia-1b config), and one for checking the script
 SHAPES = {
@@ -86,14 +85,7 @@ def main() -> None:
             None, args.out / strategy, args.episodes, args.precision, max(1, (os.cpu_count() or 2) // 8),
         )
     print(f"\nPPO, {args.shape}-shaped random-init policy/value/reference/reward, {args.episodes} episodes, {args.precision}\n")
-    print("| strategy | rank | peak GPU (MiB) | peak RSS (MiB) | episodes/s | s per update | wall s |")
-    print("|---|---|---|---|---|---|---|")
-    for r in records:
-        per_update = r["train_seconds"] / max(r["batches"], 1)
-        print(f"| {r['variant']} | {r['rank']} | {r['peak_gpu_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['rows_per_second']:.2f} | "
-              f"{per_update:.1f} | {r['wall_seconds']:.0f} |")
-    (args.out / "results.json").write_text(json.dumps(records, indent=1) + "\n")
-
+    report(records, args.out, gpu=True)
 
 if __name__ == "__main__":
     main()

@@ -66,6 +66,19 @@ def fit_and_measure(name: str, config: Path, extra: list[str], processes: Option
     return records
 
 
+def report(records: list[dict], out: Path, gpu: bool) -> None:
+    """Print one markdown row per process (peak GPU memory too when ``gpu``) and write ``out/results.json``."""
+    gpu_header, gpu_rule = ("peak GPU (MiB) | ", "---|") if gpu else ("", "")
+    print(f"| variant | processes | rank | {gpu_header}peak RSS (MiB) | episodes/s | s per update | wall s |")
+    print(f"|---|---|---|{gpu_rule}---|---|---|---|")
+    for r in records:
+        per_update = r["train_seconds"] / max(r["batches"], 1)
+        gpu_cell = f"{r['peak_gpu_mb']:.0f} | " if gpu else ""
+        print(f"| {r['variant']} | {r['processes']} | {r['rank']} | {gpu_cell}{r['peak_rss_mb']:.0f} | {r['rows_per_second']:.3f} | "
+              f"{per_update:.1f} | {r['wall_seconds']:.0f} |")
+    (out / "results.json").write_text(json.dumps(records, indent=1) + "\n")
+
+
 def run(name: str, args: argparse.Namespace, out: Path) -> list[dict]:
     config, extra, processes = VARIANTS[name]
     models = ["--model.policy", str(args.sft), "--model.reward_model", str(args.rm)]
@@ -89,14 +102,7 @@ def main() -> None:
             raise SystemExit(f"{path} is not a finished export: run `make quickstart` first (or pass --sft/--rm)")
     records = [record for name in args.variants for record in run(name, args, args.out)]
     print(f"\nPPO on SmolLM2-135M (quickstart SFT + RM), {args.episodes} episodes, {args.precision}, {os.cpu_count()} cores\n")
-    print("| variant | processes | rank | peak RSS (MiB) | episodes/s | s per update | wall s |")
-    print("|---|---|---|---|---|---|---|")
-    for r in records:
-        per_update = r["train_seconds"] / max(r["batches"], 1)
-        print(f"| {r['variant']} | {r['processes']} | {r['rank']} | {r['peak_rss_mb']:.0f} | {r['rows_per_second']:.3f} | "
-              f"{per_update:.1f} | {r['wall_seconds']:.0f} |")
-    (args.out / "results.json").write_text(json.dumps(records, indent=1) + "\n")
-
+    report(records, args.out, gpu=False)
 
 if __name__ == "__main__":
     main()
