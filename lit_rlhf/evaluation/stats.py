@@ -1,0 +1,142 @@
+"""Statistics of evaluations: win rates and accuracies with bootstrap intervals, length buckets, calibration (R8).
+
+Outcomes are per item: ``1.0`` a win (or a correct preference), ``0.0`` a loss, ``0.5`` a tie (N+ counts ties as
+half a win). Intervals are percentile bootstraps over items (``torchmetrics.wrappers.BootStrapper``, multinomial
+resampling), seeded so that a re-run prints the same interval.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryCalibrationError
+from torchmetrics.wrappers import BootStrapper
+
+#: response-length bucket edges in tokens for the length-controlled win rate (N+ reports win rate against length)
+LENGTH_EDGES = (20, 30, 40, 50)
+
+
+def mean_with_interval(
+    values: Sequence[float] | torch.Tensor, confidence: float = 0.95, num_resamples: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """Mean of per-item ``values`` with a percentile bootstrap interval.
+
+    Args:
+        values: ``(N,)`` per-item outcomes (win 1, tie 0.5, loss 0; or correct 1 / wrong 0).
+        confidence: the interval's coverage (0.95: the 2.5 and 97.5 percentiles of the resampled means).
+        num_resamples: bootstrap resamples of the N items.
+        seed: the resampling seed (the global RNG is left as it was).
+
+    Returns:
+        ``{"mean", "low", "high", "n"}``; with no items the three figures are NaN and ``n`` is 0.
+
+    Raises:
+        ValueError: if ``confidence`` is not in (0, 1).
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    values = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if values.numel() == 0:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    tail = (1.0 - confidence) / 2
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        bootstrap = BootStrapper(
+            MeanMetric(), num_bootstraps=num_resamples, quantile=torch.tensor([tail, 1.0 - tail]),
+            sampling_strategy="multinomial",
+        )
+        bootstrap.update(values.float())
+        low, high = bootstrap.compute()["quantile"].tolist()
+    return {"mean": values.mean().item(), "low": low, "high": high, "n": values.numel()}
+
+
+def by_length(
+    outcomes: Sequence[float] | torch.Tensor, lengths: Sequence[int] | torch.Tensor, edges: Sequence[int] = LENGTH_EDGES, **kwargs
+) -> list[dict[str, float]]:
+    """Win rate per response-length bucket (the length-controlled view of a win rate).
+
+    Args:
+        outcomes: ``(N,)`` per-item outcomes.
+        lengths: ``(N,)`` response lengths in tokens.
+        edges: increasing bucket edges: buckets ``[0, e0)``, ``[e0, e1)``, ..., ``[e_last, inf)``.
+        kwargs: passed to :func:`mean_with_interval`.
+
+    Returns:
+        one ``{"bucket": "lo-hi", "low_tokens", "high_tokens", "mean", "low", "high", "n"}`` per non-empty bucket.
+
+    Raises:
+        ValueError: if ``outcomes`` and ``lengths`` differ in size or ``edges`` is not increasing.
+    """
+    outcomes, lengths = torch.as_tensor(outcomes, dtype=torch.float64), torch.as_tensor(lengths)
+    if outcomes.shape != lengths.shape:
+        raise ValueError(f"outcomes {tuple(outcomes.shape)} and lengths {tuple(lengths.shape)} differ in shape")
+    if any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"edges must increase, got {list(edges)}")
+    bounds = [0, *edges, None]
+    rows = []
+    for low, high in zip(bounds, bounds[1:]):
+        mask = (lengths >= low) & (lengths < high) if high is not None else lengths >= low
+        if mask.any():
+            name = f"{low}-{high - 1}" if high is not None else f"{low}+"
+            rows.append({"bucket": name, "low_tokens": low, "high_tokens": high, **mean_with_interval(outcomes[mask], **kwargs)})
+    return rows
+
+
+def calibration(
+    probabilities: Sequence[float] | torch.Tensor, outcomes: Sequence[int] | torch.Tensor, num_bins: int = 10
+) -> dict[str, object]:
+    """Reliability of predicted probabilities: binned against how often the predicted event happened.
+
+    Args:
+        probabilities: ``(N,)`` predicted probabilities of the event, in [0, 1].
+        outcomes: ``(N,)`` 1 where the event happened, 0 where not.
+        num_bins: equal-width bins over [0, 1].
+
+    Returns:
+        ``{"ece": expected calibration error (torchmetrics ``BinaryCalibrationError``, L1: the bins' |confidence -
+        accuracy| weighted by their share of the items), "bins": [...]}`` with one ``{"low", "high", "confidence"
+        (mean predicted probability), "accuracy" (empirical frequency), "n"}`` per non-empty bin.
+
+    Raises:
+        ValueError: on a size mismatch or a probability outside [0, 1].
+    """
+    probabilities = torch.as_tensor(probabilities, dtype=torch.float32).flatten()
+    outcomes = torch.as_tensor(outcomes).flatten().long()
+    if probabilities.shape != outcomes.shape:
+        raise ValueError(f"probabilities {tuple(probabilities.shape)} and outcomes {tuple(outcomes.shape)} differ in shape")
+    if probabilities.numel() == 0:
+        return {"ece": float("nan"), "bins": []}
+    if probabilities.min() < 0 or probabilities.max() > 1:
+        raise ValueError("probabilities must lie in [0, 1]")
+    ece = BinaryCalibrationError(n_bins=num_bins, norm="l1")(probabilities, outcomes).item()
+    index = torch.clamp((probabilities * num_bins).long(), max=num_bins - 1)
+    bins = []
+    for b in range(num_bins):
+        mask = index == b
+        if mask.any():
+            bins.append({
+                "low": b / num_bins, "high": (b + 1) / num_bins, "confidence": probabilities[mask].mean().item(),
+                "accuracy": outcomes[mask].float().mean().item(), "n": int(mask.sum()),
+            })
+    return {"ece": ece, "bins": bins}
+
+
+def preference_calibration(
+    chosen_rewards: Sequence[float] | torch.Tensor, rejected_rewards: Sequence[float] | torch.Tensor, num_bins: int = 10
+) -> dict[str, object]:
+    """Reward-model calibration (recipe R8): the Bradley-Terry probability ``sigmoid(r_a - r_b)`` that response a is
+    preferred, against the labellers' choice, with every pair in both orders (a = chosen: outcome 1; a = rejected:
+    probability ``1 - p``, outcome 0), so the diagram covers [0, 1] and is symmetric about 0.5.
+
+    Args:
+        chosen_rewards, rejected_rewards: ``(N,)`` reward-model scores (logits) of each pair's responses.
+        num_bins: as :func:`calibration`.
+
+    Returns:
+        :func:`calibration` of the ``2N`` (probability, outcome) pairs.
+    """
+    chosen, rejected = torch.as_tensor(chosen_rewards).float().flatten(), torch.as_tensor(rejected_rewards).float().flatten()
+    p = torch.sigmoid(chosen - rejected)
+    return calibration(torch.cat([p, 1 - p]), torch.cat([torch.ones_like(p), torch.zeros_like(p)]).long(), num_bins)

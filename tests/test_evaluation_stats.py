@@ -1,0 +1,74 @@
+"""Win rates, bootstrap intervals, length buckets and calibration (lit_rlhf.evaluation.stats), hand-computed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lit_rlhf.evaluation.stats import by_length, calibration, mean_with_interval, preference_calibration
+
+
+def test_ties_count_half_and_a_constant_outcome_has_a_point_interval():
+    assert mean_with_interval([1.0, 0.5, 0.0, 0.5])["mean"] == 0.5
+    assert mean_with_interval([1.0] * 7) == {"mean": 1.0, "low": 1.0, "high": 1.0, "n": 7}
+
+
+def test_two_items_bootstrap_to_the_extremes():
+    # resampled means of [0, 1]: 0, 0.5, 1 with probability 1/4, 1/2, 1/4 -> 2.5% quantile 0, 97.5% quantile 1
+    result = mean_with_interval([0.0, 1.0])
+    assert (result["low"], result["high"]) == (0.0, 1.0)
+
+
+def test_interval_matches_the_normal_approximation_and_is_reproducible():
+    values = torch.tensor([1.0] * 240 + [0.0] * 160)  # p = 0.6, n = 400: 0.6 +- 1.96 * sqrt(0.24 / 400) = +- 0.048
+    result = mean_with_interval(values, num_resamples=2000)
+    assert result["mean"] == pytest.approx(0.6)
+    assert result["low"] == pytest.approx(0.552, abs=0.01) and result["high"] == pytest.approx(0.648, abs=0.01)
+    state = torch.random.get_rng_state()
+    assert mean_with_interval(values, num_resamples=2000) == result
+    assert torch.equal(torch.random.get_rng_state(), state), "the global RNG moved"
+    narrow = mean_with_interval(values, confidence=0.5, num_resamples=2000)
+    assert result["low"] < narrow["low"] < narrow["high"] < result["high"]
+
+
+def test_empty_and_bad_confidence():
+    assert math.isnan(mean_with_interval([])["mean"]) and mean_with_interval([])["n"] == 0
+    with pytest.raises(ValueError, match="confidence"):
+        mean_with_interval([1.0], confidence=1.0)
+
+
+def test_length_buckets_split_by_token_count():
+    outcomes = [1, 0, 1, 1, 0.5, 0]
+    lengths = [5, 19, 20, 35, 45, 80]
+    rows = by_length(outcomes, lengths, edges=(20, 40))
+    assert [(r["bucket"], r["n"], r["mean"]) for r in rows] == [("0-19", 2, 0.5), ("20-39", 2, 1.0), ("40+", 2, 0.25)]
+    with pytest.raises(ValueError, match="shape"):
+        by_length([1, 0], [3])
+    with pytest.raises(ValueError, match="increase"):
+        by_length([1], [3], edges=(30, 20))
+
+
+def test_calibration_error_by_hand():
+    # one bin at 0.25 where 1 of 4 happened: calibrated; one bin at 0.9 where all happened: off by 0.1
+    perfect = calibration([0.25] * 4, [1, 0, 0, 0])
+    assert perfect["ece"] == pytest.approx(0.0, abs=1e-6)
+    assert perfect["bins"] == [{"low": 0.2, "high": 0.3, "confidence": 0.25, "accuracy": 0.25, "n": 4}]
+    over = calibration([0.9] * 10 + [0.25] * 10, [1] * 10 + [1, 0, 0, 0] * 2 + [0, 0])
+    # bin 0.9: |0.9 - 1.0| = 0.1, weight 1/2; bin 0.2: |0.25 - 0.2| = 0.05, weight 1/2 -> 0.075
+    assert over["ece"] == pytest.approx(0.075, abs=1e-6)
+    assert [b["n"] for b in over["bins"]] == [10, 10]
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        calibration([1.5], [1])
+
+
+def test_preference_calibration_uses_both_orders():
+    # equal rewards: p = 0.5 both ways, half of the 2N items happened -> one bin, calibrated
+    equal = preference_calibration([0.3, -1.0], [0.3, -1.0])
+    assert equal["ece"] == pytest.approx(0.0, abs=1e-6)
+    assert equal["bins"] == [{"low": 0.5, "high": 0.6, "confidence": 0.5, "accuracy": 0.5, "n": 4}]
+    # a margin of log(3): p = 0.75 for the chosen (happened), 0.25 for the rejected (did not): off by 0.25 each
+    confident = preference_calibration([math.log(3)], [0.0])
+    assert [(b["confidence"], b["accuracy"]) for b in confident["bins"]] == [(pytest.approx(0.25), 0.0), (pytest.approx(0.75), 1.0)]
+    assert confident["ece"] == pytest.approx(0.25, abs=1e-6)
