@@ -7,7 +7,7 @@ difference, P4), the mean response length and the fraction of responses with an 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ RANK_SEED_STRIDE = 100003
 @torch.no_grad()
 def sample_and_score(
     policy: nn.Module,
-    reward_model: nn.Module,
+    reward_model: Optional[nn.Module],
     queries: torch.Tensor,
     tokenizer: Any,
     response_length: int,
@@ -37,6 +37,7 @@ def sample_and_score(
     """Sample one response per query and score it with the reward model (recipe P2, P3, R3).
 
     Args:
+        reward_model: a scalar model, or ``None`` to sample only (no ``scores`` in the result).
         queries: ``(B, Q)`` left-padded query ids.
         truncate: replace tokens after the first EOS by PAD before scoring (P3).
         non_eos_penalty: a response without EOS scores ``penalty_reward_value`` (P3).
@@ -49,13 +50,14 @@ def sample_and_score(
     responses = generate(policy, queries, pad, eos, response_length, temperature)
     postprocessed = truncate_after_eos(responses, eos, pad) if truncate else responses
     query_responses = torch.cat([queries, postprocessed], dim=1)
-    scores = sequence_scores(reward_model, query_responses, pad)
-    if non_eos_penalty:
-        scores = penalize_missing_eos(scores, postprocessed, eos, penalty_reward_value)
-    return {
-        "responses": responses, "postprocessed": postprocessed, "query_responses": query_responses, "scores": scores,
+    sample = {
+        "responses": responses, "postprocessed": postprocessed, "query_responses": query_responses,
         "contains_eos": (postprocessed == eos).any(dim=1), "lengths": (postprocessed != pad).sum(1),
     }
+    if reward_model is not None:
+        scores = sequence_scores(reward_model, query_responses, pad)
+        sample["scores"] = penalize_missing_eos(scores, postprocessed, eos, penalty_reward_value) if non_eos_penalty else scores
+    return sample
 
 
 class PolicyValidation:

@@ -1,0 +1,305 @@
+"""``lit-rlhf eval``: sample each policy on the validation prompts and judge its summaries against the reference
+summaries (and, with ``head_to_head``, against each other), as N+ reports its results.
+
+For each policy a Lightning ``predict`` run (devices, precision and the progress bar are Lightning's) samples one
+response per prompt with the seeds :class:`~lit_rlhf.stages.policy_eval.PolicyValidation` uses (so every policy
+sees the same random numbers, and ``eval`` at the validation temperature reproduces ``ppo validate``'s figures),
+and records per item the response, its length in tokens, the KL to ``ref_policy`` (sum over response tokens of the
+temperature-scaled logprob difference, recipe P4) and the reward-model scores of response and reference (P3 EOS
+rules). Judges:
+
+* ``reward_model``: the response wins when it scores higher than the reference summary (a tie counts half);
+* ``llm_judge``: :class:`~lit_rlhf.evaluation.judges.ChatJudge`, an LLM over an OpenAI-compatible endpoint;
+* ``local_judge``: :class:`~lit_rlhf.evaluation.judges.LogprobJudge`, a local causal LM's A/B probabilities.
+
+Outputs under ``output_dir``: ``items-{policy}.jsonl`` (prompt, responses, every judge's raw answer and order),
+``results.json``, ``summary.md`` (win rates with bootstrap 95% intervals, by response length too) and TensorBoard
+scalars (``output_dir/tensorboard``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+from lit_rlhf.data.datamodules import PromptDataModule
+from lit_rlhf.data.formatting import completion_ids, pad
+from lit_rlhf.evaluation.judges import ChatJudge, LogprobJudge, Verdict
+from lit_rlhf.evaluation.stats import LENGTH_EDGES, by_length, mean_with_interval
+from lit_rlhf.models.forward import response_logprobs, sequence_scores
+from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
+from lit_rlhf.models.scalar import ScalarModel
+from lit_rlhf.stages.common import decode_responses
+from lit_rlhf.stages.policy_eval import RANK_SEED_STRIDE, sample_and_score
+
+
+class PolicySampler(L.LightningModule):
+    """Samples one response per prompt from ``policy`` and records what the judges and the report need.
+
+    Args:
+        policy: Hugging Face directory (or hub name) of the policy.
+        tokenizer: the tokenizer's model (the DataModule's).
+        reward_model: a saved :class:`~lit_rlhf.models.scalar.ScalarModel`, or ``None`` (no scores).
+        ref_policy: the policy the KL is measured against (the SFT policy), or ``None`` (no KL).
+        response_length, temperature, seed: sampling (temperature 0.01 is N+'s evaluation setting).
+        truncate_after_eos, non_eos_penalty, penalty_reward_value: recipe P3, as in validation.
+    """
+
+    def __init__(
+        self,
+        policy: str,
+        tokenizer: str,
+        reward_model: Optional[str] = None,
+        ref_policy: Optional[str] = None,
+        response_length: int = 53,
+        temperature: float = 0.01,
+        seed: int = 1,
+        truncate_after_eos: bool = True,
+        non_eos_penalty: bool = True,
+        penalty_reward_value: float = -1.0,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.policy = load_causal_lm(policy).eval()
+        self.reward_model = ScalarModel.load(reward_model).eval() if reward_model else None
+        self.ref_policy = load_causal_lm(ref_policy).eval() if ref_policy else None
+        self.response_length, self.temperature, self.seed = response_length, temperature, seed
+        self.truncate, self.non_eos_penalty, self.penalty = truncate_after_eos, non_eos_penalty, penalty_reward_value
+
+    def reference_ids(self, references: list[str]) -> torch.Tensor:
+        """``(B, T')`` right-padded reference completions (" " + summary + EOS, recipe D5) on this module's device."""
+        rows = [completion_ids(self.tokenizer, text, leading_space=True) for text in references]
+        width = max(len(row) for row in rows)
+        return torch.tensor([pad(row, width, self.tokenizer.pad_token_id, "right") for row in rows], device=self.device)
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        tok, queries = self.tokenizer, batch["query_ids"]
+        pad_id = tok.pad_token_id
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + batch_idx + self.global_rank * RANK_SEED_STRIDE)
+            sample = sample_and_score(
+                self.policy, self.reward_model, queries, tok, self.response_length, self.temperature,
+                self.truncate, self.non_eos_penalty, self.penalty,
+            )
+        items = {
+            "response": decode_responses(tok, sample["responses"]),
+            "response_tokens": sample["lengths"].tolist(),
+            "contains_eos": sample["contains_eos"].tolist(),
+        }
+        if self.reward_model is not None:
+            reference = torch.cat([queries, self.reference_ids(batch["reference"])], dim=1)
+            items["score"] = sample["scores"].float().tolist()
+            items["reference_score"] = sequence_scores(self.reward_model, reference, pad_id).float().tolist()
+        if self.ref_policy is not None:
+            query_responses = sample["query_responses"]
+            logprobs, ref_logprobs = (
+                response_logprobs(model, query_responses, queries.size(1), pad_id, self.temperature)
+                for model in (self.policy, self.ref_policy)
+            )
+            items["kl"] = ((logprobs - ref_logprobs) * (sample["postprocessed"] != pad_id)).sum(1).float().tolist()
+        prompts = tok.batch_decode(queries, skip_special_tokens=True)
+        return [
+            {"prompt": prompt, "reference": reference, **{key: values[row] for key, values in items.items()}}
+            for row, (prompt, reference) in enumerate(zip(prompts, batch["reference"]))
+        ]
+
+
+def post_of(prompt: str) -> str:
+    """The post a judge reads: the formatted query without its trailing ``TL;DR:``."""
+    text = prompt.rstrip()
+    return text[: -len("TL;DR:")].rstrip() if text.endswith("TL;DR:") else text
+
+
+def reward_verdicts(scores: list[float], other_scores: list[float]) -> list[Verdict]:
+    """The reward model as judge: ``a`` (``scores``) wins where it scores higher than ``b``; equal scores tie."""
+    return [
+        Verdict(1.0 if a > b else 0.0 if a < b else 0.5, "ab", "A" if a > b else "B" if a < b else None, json.dumps({"a": a, "b": b}))
+        for a, b in zip(scores, other_scores)
+    ]
+
+
+def judged(verdicts: list[Verdict], lengths: list[int], edges: tuple[int, ...]) -> dict[str, Any]:
+    """Win rate with its interval, the rate by response length, and how many answers named no summary."""
+    outcomes = [v.outcome for v in verdicts]
+    return {
+        "win_rate": mean_with_interval(outcomes), "by_length": by_length(outcomes, lengths[: len(outcomes)], edges),
+        "unparsed": sum(v.answer is None for v in verdicts),
+    }
+
+
+def evaluate(
+    policies: Optional[list[str]] = None,
+    names: Optional[list[str]] = None,
+    reward_model: Optional[str] = None,
+    ref_policy: Optional[str] = None,
+    llm_judge: Optional[ChatJudge] = None,
+    local_judge: Optional[LogprobJudge] = None,
+    judge_samples: Optional[int] = None,
+    head_to_head: bool = False,
+    data: str = "../shared/data/tldr/sft",
+    samples: int = 256,
+    query_length: int = 512,
+    response_length: int = 53,
+    batch_size: int = 32,
+    temperature: float = 0.01,
+    seed: int = 1,
+    length_edges: list[int] = list(LENGTH_EDGES),
+    output_dir: str = "runs/eval",
+    accelerator: str = "auto",
+    devices: int = 1,
+    precision: str = "32-true",
+) -> dict[str, Any]:
+    """Sample every policy on the first ``samples`` validation prompts of ``data`` and judge the summaries.
+
+    Args:
+        policies: Hugging Face directories of the policies (they share the first one's tokenizer).
+        names: a name per policy for the tables (default: the directory's parent name, e.g. ``ppo`` for
+            ``runs/quickstart/ppo/model``).
+        reward_model: the reward model judge (and the scores); ``None``: no RM judge.
+        ref_policy: the policy each one's KL is measured against (the SFT policy); ``None``: no KL.
+        llm_judge: an LLM judge over an OpenAI-compatible endpoint (``--llm_judge.base_url ... --llm_judge.model ...``).
+        local_judge: a local causal LM judge (``--local_judge.model smollm2-135m``).
+        judge_samples: the text judges see only the first N items (they are slow); ``None``: all.
+        head_to_head: also judge every pair of policies against each other.
+        data: directory (or hub name) whose ``validation`` split holds the prompts and reference summaries.
+        samples: prompts (the first N validation rows whose reference fits ``response_length``).
+        query_length, response_length: recipe D3/D7 shapes (the quickstart uses 192 and 53).
+        batch_size: prompts per sampling batch (the per-batch seeds depend on it, as in validation).
+        temperature: sampling temperature (N+: 0.01).
+        seed: the sampling seed (per batch: ``seed + batch index``) and the judges' order seed.
+        length_edges: response-length bucket edges in tokens.
+        output_dir: where the outputs go.
+        accelerator, devices, precision: Lightning's, for the sampling (one device: the items stay in order).
+
+    Returns:
+        the content of ``results.json``: per policy its mean length / score / KL and per judge ``win_rate``
+        (``mean``, ``low``, ``high``, ``n``), ``by_length`` and ``unparsed``; ``head_to_head`` per pair.
+
+    Raises:
+        ValueError: without a policy or a judge, or with ``names`` of the wrong length.
+        FileNotFoundError: for a policy, reward-model or data path that does not exist.
+    """
+    if not policies:
+        raise ValueError("eval needs at least one policy: --policies DIR [--policies+ DIR ...]")
+    if reward_model is None and llm_judge is None and local_judge is None:
+        raise ValueError("eval needs a judge: reward_model, llm_judge or local_judge")
+    names = names or [Path(p).parent.name if Path(p).name == "model" else Path(p).name for p in policies]
+    if len(names) != len(policies) or len(set(names)) != len(names):
+        raise ValueError(f"names {names} must be unique, one per policy ({len(policies)})")
+    for path in [*policies, reward_model, ref_policy]:
+        if path is not None and path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"eval: {path} does not exist")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    datamodule = PromptDataModule(
+        path=data, tokenizer=policies[0], query_length=query_length, response_length=response_length,
+        max_length=query_length + response_length, batch_size=batch_size, eval_batch_size=batch_size,
+        total_episodes=batch_size, val_samples=samples, seed=seed,
+    )
+    datamodule.setup("validate")
+    edges = tuple(length_edges)
+    text_judges = {name: judge for name, judge in (("llm", llm_judge), ("local", local_judge)) if judge is not None}
+
+    items: dict[str, list[dict[str, Any]]] = {}
+    results: dict[str, Any] = {"samples": len(datamodule.splits["validation"]), "temperature": temperature, "policies": {}}
+    for name, policy in zip(names, policies):
+        sampler = PolicySampler(policy, policies[0], reward_model, ref_policy, response_length, temperature, seed)
+        trainer = L.Trainer(accelerator=accelerator, devices=devices, precision=precision, logger=False, enable_checkpointing=False)
+        rows = [row for batch in trainer.predict(sampler, dataloaders=datamodule.val_dataloader()) for row in batch]
+        items[name] = rows
+        lengths = [row["response_tokens"] for row in rows]
+        summary: dict[str, Any] = {"mean_length": sum(lengths) / len(lengths), "judges": {}}
+        for key in ("score", "kl"):
+            if key in rows[0]:
+                summary[f"mean_{key}"] = sum(row[key] for row in rows) / len(rows)
+        verdicts: dict[str, list[Verdict]] = {}
+        if reward_model is not None:
+            verdicts["rm"] = reward_verdicts([r["score"] for r in rows], [r["reference_score"] for r in rows])
+        judged_rows = rows[:judge_samples]
+        for judge_name, judge in text_judges.items():
+            verdicts[judge_name] = judge.judge(
+                [post_of(r["prompt"]) for r in judged_rows], [r["response"] for r in judged_rows], [r["reference"] for r in judged_rows],
+            )
+        for judge_name, judge_verdicts in verdicts.items():
+            summary["judges"][judge_name] = judged(judge_verdicts, lengths, edges)
+            for row, verdict in zip(rows, judge_verdicts):
+                row.setdefault("judges", {})[judge_name] = verdict.to_dict()
+        results["policies"][name] = summary
+        with (out / f"items-{name}.jsonl").open("w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+    if head_to_head:
+        results["head_to_head"] = {}
+        for a, b in itertools.combinations(names, 2):
+            pair: dict[str, Any] = {}
+            if reward_model is not None:
+                pair["rm"] = judged(reward_verdicts([r["score"] for r in items[a]], [r["score"] for r in items[b]]),
+                                    [r["response_tokens"] for r in items[a]], edges)
+            for judge_name, judge in text_judges.items():
+                rows_a, rows_b = items[a][:judge_samples], items[b][:judge_samples]
+                pair[judge_name] = judged(
+                    judge.judge([post_of(r["prompt"]) for r in rows_a], [r["response"] for r in rows_a], [r["response"] for r in rows_b]),
+                    [r["response_tokens"] for r in rows_a], edges,
+                )
+            results["head_to_head"][f"{a} vs {b}"] = pair
+
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    table = markdown(results)
+    (out / "summary.md").write_text(table)
+    log_tensorboard(results, table, out / "tensorboard")
+    print(table)
+    return results
+
+
+def _interval(result: dict[str, float]) -> str:
+    return f"{result['mean']:.3f} | {result['low']:.3f}-{result['high']:.3f} | {result['n']}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The Markdown tables of :func:`evaluate`'s results: win rates against the reference summaries (with the mean
+    length, RM score and KL), by response length, and head to head."""
+    lines = [
+        f"Win rate against the reference summaries ({results['samples']} prompts, temperature {results['temperature']}; "
+        "ties count half; 95% bootstrap intervals)", "",
+        "| policy | judge | win rate | 95% interval | n | mean length (tokens) | mean RM score | KL |", "|---|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda value: "n/a" if value is None else f"{value:.3f}"  # noqa: E731
+    for name, policy in results["policies"].items():
+        for judge, figures in policy["judges"].items():
+            lines.append(f"| {name} | {judge} | {_interval(figures['win_rate'])} | {policy['mean_length']:.1f} | "
+                         f"{fmt(policy.get('mean_score'))} | {fmt(policy.get('mean_kl'))} |")
+    lines += ["", "By response length", "", "| policy | judge | tokens | win rate | 95% interval | n |", "|---|---|---|---|---|---|"]
+    for name, policy in results["policies"].items():
+        for judge, figures in policy["judges"].items():
+            lines += [f"| {name} | {judge} | {row['bucket']} | {_interval(row)} |" for row in figures["by_length"]]
+    if results.get("head_to_head"):
+        lines += ["", "Head to head (win rate of the first policy)", ""]
+        lines += ["| pair | judge | win rate | 95% interval | n |", "|---|---|---|---|---|"]
+        for pair, judges in results["head_to_head"].items():
+            lines += [f"| {pair} | {judge} | {_interval(figures['win_rate'])} |" for judge, figures in judges.items()]
+    return "\n".join(lines) + "\n"
+
+
+def log_tensorboard(results: dict[str, Any], table: str, directory: Path) -> None:
+    """``eval/{policy}/{judge}/win_rate`` (and ``_low``/``_high``), mean length / score / KL, and the table as text."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(save_dir=str(directory), name="", version="")
+    metrics = {}
+    for name, policy in results["policies"].items():
+        for key in ("mean_length", "mean_score", "mean_kl"):
+            if key in policy:
+                metrics[f"eval/{name}/{key}"] = policy[key]
+        for judge, figures in policy["judges"].items():
+            rate = figures["win_rate"]
+            metrics.update({f"eval/{name}/{judge}/win_rate": rate["mean"], f"eval/{name}/{judge}/win_rate_low": rate["low"],
+                            f"eval/{name}/{judge}/win_rate_high": rate["high"]})
+    logger.log_metrics(metrics, step=0)
+    logger.experiment.add_text("eval/summary", table, 0)
+    logger.finalize("success")
