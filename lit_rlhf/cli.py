@@ -1,4 +1,5 @@
-"""``lit-rlhf STAGE {fit,validate,test} --config FILE``: one LightningCLI per stage; ``lit-rlhf eval``: win rates.
+"""``lit-rlhf STAGE {fit,validate,test} --config FILE``: one LightningCLI per stage; ``lit-rlhf eval``: win rates;
+``lit-rlhf eval-rm``: reward-model accuracy and calibration.
 
 Every knob is a typed ``__init__`` argument of the stage's LightningModule or DataModule, so
 ``lit-rlhf sft fit --print_config`` documents them all. The data's tokenizer is linked to the stage's model.
@@ -77,26 +78,30 @@ def _stage_cli(tokenizer_source: str) -> type[LightningCLI]:
     return StageCLI
 
 
-def eval_main(args: list[str]) -> None:
-    """``lit-rlhf eval``: :func:`lit_rlhf.evaluation.evaluate.evaluate` with its arguments typed by jsonargparse
+def eval_main(command: str, args: list[str]) -> None:
+    """``lit-rlhf eval`` (:func:`lit_rlhf.evaluation.evaluate.evaluate`) and ``lit-rlhf eval-rm``
+    (:func:`lit_rlhf.evaluation.reward_eval.evaluate_reward_model`), their arguments typed by jsonargparse
     (``--config``, ``--print_config``; judges as ``--llm_judge.base_url ...`` / ``--local_judge.model ...``)."""
     from jsonargparse import CLI
 
-    from lit_rlhf.evaluation.evaluate import evaluate
-
-    CLI(evaluate, args=args, prog="lit-rlhf eval")
+    if command == "eval":
+        from lit_rlhf.evaluation.evaluate import evaluate as function
+    else:
+        from lit_rlhf.evaluation.reward_eval import evaluate_reward_model as function
+    CLI(function, args=args, prog=f"lit-rlhf {command}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``lit-rlhf`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "eval":
+    if argv and argv[0] in ("eval", "eval-rm"):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        eval_main(argv[1:])
+        eval_main(argv[0], argv[1:])
         return
     if not argv or argv[0] not in STAGES:
         names = "|".join(STAGES)
-        print(f"usage: lit-rlhf {{{names}}} {{fit,validate,test}} --config FILE [options]\n       lit-rlhf eval --help", file=sys.stderr)
+        usage = f"usage: lit-rlhf {{{names}}} {{fit,validate,test}} --config FILE [options]\n       lit-rlhf {{eval,eval-rm}} --help"
+        print(usage, file=sys.stderr)
         raise SystemExit(2)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     module, datamodule, tokenizer_source = STAGES[argv[0]]
