@@ -162,16 +162,24 @@ class HFExport(L.Callback):
     weights are checked first: an export never contains a NaN or an infinity.
 
     With ``every_epoch`` it also exports after each training epoch to ``{dirpath}/../epochs/epoch-{N}``, the
-    per-iteration checkpoints of online iterative DPO (one epoch per iteration).
+    per-iteration checkpoints of online iterative DPO (one epoch per iteration); with ``every_n_updates`` after every
+    N-th training batch (PPO: update) to ``{dirpath}/../updates/update-{N:05d}`` (N: batches so far in the run), the
+    policies of an over-optimisation curve (``lit-rlhf eval --exports 'runs/.../updates/*'``).
 
     Args:
         dirpath: output directory; ``None`` means ``{trainer.default_root_dir}/model``.
         every_epoch: also export at every training epoch's end.
+        every_n_updates: also export after every N-th training batch (``None``: never).
+
+    Raises:
+        ValueError: if ``every_n_updates`` is smaller than 1.
     """
 
-    def __init__(self, dirpath: Optional[str] = None, every_epoch: bool = False) -> None:
+    def __init__(self, dirpath: Optional[str] = None, every_epoch: bool = False, every_n_updates: Optional[int] = None) -> None:
+        if every_n_updates is not None and every_n_updates < 1:
+            raise ValueError(f"HFExport: every_n_updates must be >= 1, got {every_n_updates}")
         self.dirpath = Path(dirpath) if dirpath else None
-        self.every_epoch = every_epoch
+        self.every_epoch, self.every_n_updates = every_epoch, every_n_updates
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.dirpath is None:
@@ -180,6 +188,12 @@ class HFExport(L.Callback):
             name = self.dirpath.name
             remove_leftovers(self.dirpath.parent, (f".{name}.tmp-*", f".{name}.old-*"), "exports")
             remove_leftovers(self.dirpath.parent / "epochs", (".epoch-*.tmp-*", ".epoch-*.old-*"), "exports")
+            remove_leftovers(self.dirpath.parent / "updates", (".update-*.tmp-*", ".update-*.old-*"), "exports")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        done = trainer.fit_loop.epoch_loop.total_batch_idx + 1  # batches of the whole run, resumed runs included
+        if self.every_n_updates and done % self.every_n_updates == 0:
+            self.export(pl_module, self.dirpath.parent / "updates" / f"update-{done:05d}")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_epoch:

@@ -90,3 +90,31 @@ def test_eval_cli_prints_its_typed_config(capsys, tiny_model_dir):
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "policies:" in printed and "class_path: lit_rlhf.evaluation.judges.LogprobJudge" in printed and "temperature: 0.01" in printed
+
+
+@pytest.mark.slow
+def test_periodic_exports_give_an_overoptimisation_curve(tiny_model_dir, tiny_reward_dir, tmp_path):
+    import yaml
+    from stage_helpers import stage_config
+
+    model = {"policy": str(tiny_model_dir), "reward_model": str(tiny_reward_dir), "lr": 1e-2, "non_eos_penalty": False}
+    config = stage_config("ppo", tmp_path, model=model)  # 2 updates of 2 episodes
+    settings = yaml.safe_load(config.read_text())
+    export = next(cb for cb in settings["trainer"]["callbacks"] if cb["class_path"].endswith("HFExport"))
+    export["init_args"] = {"every_n_updates": 1}
+    config.write_text(yaml.safe_dump(settings))
+    main(["ppo", "fit", "--config", str(config)])
+    updates = tmp_path / "ppo" / "updates"
+    assert sorted(p.name for p in updates.iterdir()) == ["update-00001", "update-00002"]
+
+    out = tmp_path / "eval"
+    results = evaluate(
+        policies=[str(tiny_model_dir)], names=["sft", "update-00001", "update-00002"], exports=str(updates / "*"),
+        reward_model=str(tiny_reward_dir), ref_policy=str(tiny_model_dir), data=str(SFT_DATA), samples=4, query_length=128,
+        batch_size=4, temperature=1.0, output_dir=str(out), accelerator="cpu",
+    )
+    kl = {name: policy["mean_kl"] for name, policy in results["policies"].items()}
+    assert kl["sft"] == pytest.approx(0.0, abs=1e-4) and abs(kl["update-00002"]) > 1e-3, kl
+    assert (out / "overoptimisation.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(FileNotFoundError, match="matches no exported model"):
+        evaluate(exports=str(tmp_path / "nothing" / "*"), reward_model=str(tiny_reward_dir), output_dir=str(out))

@@ -19,6 +19,7 @@ scalars (``output_dir/tensorboard``).
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 from pathlib import Path
@@ -135,6 +136,7 @@ def judged(verdicts: list[Verdict], lengths: list[int], edges: tuple[int, ...]) 
 
 def evaluate(
     policies: Optional[list[str]] = None,
+    exports: Optional[str] = None,
     names: Optional[list[str]] = None,
     reward_model: Optional[str] = None,
     ref_policy: Optional[str] = None,
@@ -159,6 +161,10 @@ def evaluate(
 
     Args:
         policies: Hugging Face directories of the policies (they share the first one's tokenizer).
+        exports: a glob of more policy directories, appended in sorted order: the periodic exports of a run
+            (``'runs/quickstart/ppo/updates/*'``, ``HFExport(every_n_updates=N)``; online DPO's ``epochs/*``). With
+            ``ref_policy`` and two or more policies, ``overoptimisation.png`` plots each one's RM score and win rates
+            against its KL to ``ref_policy``.
         names: a name per policy for the tables (default: the directory's parent name, e.g. ``ppo`` for
             ``runs/quickstart/ppo/model``).
         reward_model: the reward model judge (and the scores); ``None``: no RM judge.
@@ -185,8 +191,14 @@ def evaluate(
         ValueError: without a policy or a judge, or with ``names`` of the wrong length.
         FileNotFoundError: for a policy, reward-model or data path that does not exist.
     """
+    policies = list(policies or [])
+    if exports:
+        found = sorted(path for path in glob.glob(exports) if (Path(path) / "config.json").is_file())
+        if not found:
+            raise FileNotFoundError(f"eval: --exports {exports} matches no exported model directory")
+        policies += found
     if not policies:
-        raise ValueError("eval needs at least one policy: --policies DIR [--policies+ DIR ...]")
+        raise ValueError("eval needs at least one policy: --policies DIR [--policies+ DIR ...] or --exports GLOB")
     if reward_model is None and llm_judge is None and local_judge is None:
         raise ValueError("eval needs a judge: reward_model, llm_judge or local_judge")
     names = names or [Path(p).parent.name if Path(p).name == "model" else Path(p).name for p in policies]
@@ -252,9 +264,44 @@ def evaluate(
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     table = markdown(results)
     (out / "summary.md").write_text(table)
-    log_tensorboard(results, table, out / "tensorboard")
+    figure = overoptimisation_plot(results, out / "overoptimisation.png") if ref_policy and len(names) > 1 else None
+    log_tensorboard(results, table, out / "tensorboard", figure)
     print(table)
     return results
+
+
+def overoptimisation_plot(results: dict[str, Any], path: Path):
+    """Mean RM score (left axis) and each judge's win rate with its interval (right axis) of every policy against its
+    KL to the reference policy (the over-optimisation curve of N+ and Gao et al. 2023), saved as a PNG; returns the
+    figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = results["policies"]
+    names = sorted(policies, key=lambda name: policies[name].get("mean_kl", 0.0))
+    kl = [policies[name].get("mean_kl", 0.0) for name in names]
+    figure, score_axis = plt.subplots(figsize=(6, 4), dpi=120)
+    if all("mean_score" in policies[name] for name in names):
+        score_axis.plot(kl, [policies[name]["mean_score"] for name in names], marker="o", color="C0", label="mean RM score")
+        for x, name in zip(kl, names):
+            score_axis.annotate(name, (x, policies[name]["mean_score"]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    score_axis.set(xlabel="KL to the reference policy (nats, sum over response tokens)", ylabel="mean RM score")
+    rate_axis = score_axis.twinx()
+    judges = sorted({judge for name in names for judge in policies[name]["judges"]})
+    for index, judge in enumerate(judges):
+        points = [(x, policies[name]["judges"][judge]["win_rate"]) for x, name in zip(kl, names) if judge in policies[name]["judges"]]
+        rate_axis.errorbar([x for x, _ in points], [r["mean"] for _, r in points],
+                           yerr=[[r["mean"] - r["low"] for _, r in points], [r["high"] - r["mean"] for _, r in points]],
+                           marker="s", linestyle="--", capsize=3, color=f"C{index + 1}", label=f"win rate ({judge} judge)")
+    rate_axis.set(ylabel="win rate against the reference summaries", ylim=(0, 1))
+    handles = [h for axis in (score_axis, rate_axis) for h in axis.get_legend_handles_labels()[0]]
+    score_axis.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=7)
+    score_axis.set_title("Over-optimisation: reward and win rate against KL")
+    figure.tight_layout()
+    figure.savefig(path)
+    return figure
 
 
 def _interval(result: dict[str, float]) -> str:
@@ -286,8 +333,9 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def log_tensorboard(results: dict[str, Any], table: str, directory: Path) -> None:
-    """``eval/{policy}/{judge}/win_rate`` (and ``_low``/``_high``), mean length / score / KL, and the table as text."""
+def log_tensorboard(results: dict[str, Any], table: str, directory: Path, figure: Any = None) -> None:
+    """``eval/{policy}/{judge}/win_rate`` (and ``_low``/``_high``), mean length / score / KL, the table as text and
+    the over-optimisation ``figure`` when given."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     logger = TensorBoardLogger(save_dir=str(directory), name="", version="")
@@ -302,4 +350,6 @@ def log_tensorboard(results: dict[str, Any], table: str, directory: Path) -> Non
                             f"eval/{name}/{judge}/win_rate_high": rate["high"]})
     logger.log_metrics(metrics, step=0)
     logger.experiment.add_text("eval/summary", table, 0)
+    if figure is not None:
+        logger.experiment.add_figure("eval/overoptimisation", figure, 0)
     logger.finalize("success")
