@@ -117,6 +117,12 @@ def post_of(prompt: str) -> str:
     return text[: -len("TL;DR:")].rstrip() if text.endswith("TL;DR:") else text
 
 
+def default_name(path: str) -> str:
+    """A policy's name in the tables: the run directory for a stage export (``ppo`` for ``runs/quickstart/ppo/model``),
+    else the directory's own name (``update-00004``)."""
+    return Path(path).parent.name if Path(path).name == "model" else Path(path).name
+
+
 def reward_verdicts(scores: list[float], other_scores: list[float]) -> list[Verdict]:
     """The reward model as judge: ``a`` (``scores``) wins where it scores higher than ``b``; equal scores tie."""
     return [
@@ -151,6 +157,7 @@ def evaluate(
     batch_size: int = 32,
     temperature: float = 0.01,
     seed: int = 1,
+    non_eos_penalty: bool = True,
     length_edges: list[int] = list(LENGTH_EDGES),
     output_dir: str = "runs/eval",
     accelerator: str = "auto",
@@ -165,8 +172,8 @@ def evaluate(
             (``'runs/quickstart/ppo/updates/*'``, ``HFExport(every_n_updates=N)``; online DPO's ``epochs/*``). With
             ``ref_policy`` and two or more policies, ``overoptimisation.png`` plots each one's RM score and win rates
             against its KL to ``ref_policy``.
-        names: a name per policy for the tables (default: the directory's parent name, e.g. ``ppo`` for
-            ``runs/quickstart/ppo/model``).
+        names: a name per policy of ``policies`` for the tables (default: :func:`default_name`); the exports are
+            named after their directories.
         reward_model: the reward model judge (and the scores); ``None``: no RM judge.
         ref_policy: the policy each one's KL is measured against (the SFT policy); ``None``: no KL.
         llm_judge: an LLM judge over an OpenAI-compatible endpoint (``--llm_judge.base_url ... --llm_judge.model ...``).
@@ -179,6 +186,7 @@ def evaluate(
         batch_size: prompts per sampling batch (the per-batch seeds depend on it, as in validation).
         temperature: sampling temperature (N+: 0.01).
         seed: the sampling seed (per batch: ``seed + batch index``) and the judges' order seed.
+        non_eos_penalty: a response without EOS scores -1 with the reward model (recipe P3, as in validation).
         length_edges: response-length bucket edges in tokens.
         output_dir: where the outputs go.
         accelerator, devices, precision: Lightning's, for the sampling (one device: the items stay in order).
@@ -192,18 +200,21 @@ def evaluate(
         FileNotFoundError: for a policy, reward-model or data path that does not exist.
     """
     policies = list(policies or [])
+    names = list(names) if names else [default_name(p) for p in policies]
+    if len(names) != len(policies):
+        raise ValueError(f"names {names} must be one per policy ({len(policies)}); the exports are named after their directories")
     if exports:
         found = sorted(path for path in glob.glob(exports) if (Path(path) / "config.json").is_file())
         if not found:
             raise FileNotFoundError(f"eval: --exports {exports} matches no exported model directory")
         policies += found
+        names += [default_name(p) for p in found]
     if not policies:
         raise ValueError("eval needs at least one policy: --policies DIR [--policies+ DIR ...] or --exports GLOB")
     if reward_model is None and llm_judge is None and local_judge is None:
         raise ValueError("eval needs a judge: reward_model, llm_judge or local_judge")
-    names = names or [Path(p).parent.name if Path(p).name == "model" else Path(p).name for p in policies]
-    if len(names) != len(policies) or len(set(names)) != len(names):
-        raise ValueError(f"names {names} must be unique, one per policy ({len(policies)})")
+    if len(set(names)) != len(names):
+        raise ValueError(f"names {names} must be unique")
     for path in [*policies, reward_model, ref_policy]:
         if path is not None and path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
             raise FileNotFoundError(f"eval: {path} does not exist")
@@ -221,7 +232,9 @@ def evaluate(
     items: dict[str, list[dict[str, Any]]] = {}
     results: dict[str, Any] = {"samples": len(datamodule.splits["validation"]), "temperature": temperature, "policies": {}}
     for name, policy in zip(names, policies):
-        sampler = PolicySampler(policy, policies[0], reward_model, ref_policy, response_length, temperature, seed)
+        sampler = PolicySampler(
+            policy, policies[0], reward_model, ref_policy, response_length, temperature, seed, non_eos_penalty=non_eos_penalty
+        )
         trainer = L.Trainer(accelerator=accelerator, devices=devices, precision=precision, logger=False, enable_checkpointing=False)
         rows = [row for batch in trainer.predict(sampler, dataloaders=datamodule.val_dataloader()) for row in batch]
         items[name] = rows
