@@ -109,7 +109,7 @@ def test_periodic_exports_give_an_overoptimisation_curve(tiny_model_dir, tiny_re
 
     out = tmp_path / "eval"
     results = evaluate(
-        policies=[str(tiny_model_dir)], names=["sft", "update-00001", "update-00002"], exports=str(updates / "*"),
+        policies=[str(tiny_model_dir)], names=["sft"], exports=str(updates / "*"),
         reward_model=str(tiny_reward_dir), ref_policy=str(tiny_model_dir), data=str(SFT_DATA), samples=4, query_length=128,
         batch_size=4, temperature=1.0, output_dir=str(out), accelerator="cpu",
     )

@@ -167,7 +167,7 @@ def test_ppo_fit_logs_finite_metrics(ppo_run):
     metrics = record["metrics"]
     assert_finite(
         metrics, "loss/policy", "loss/value", "objective/kl", "objective/scores", "objective/rlhf_reward", "policy/approxkl",
-        "objective/response_length", "eval/scores", "eval/kl", "eval/response_length", "eval/eos_fraction",
+        "objective/response_length", "eval/scores", "eval/kl", "eval/response_length", "eval/eos_fraction", "eval/win_rate",
     )
     assert 1.0 <= metrics["objective/response_length"] <= 8.0
     assert 1.0 <= metrics["eval/response_length"] <= 8.0
@@ -229,6 +229,9 @@ def test_ppo_validate_before_training_has_zero_kl(rm_run, tiny_model_dir, tmp_pa
     assert 0.0 <= metrics["eval/eos_fraction"] <= 1.0
     if metrics["eval/eos_fraction"] == 0.0:  # every response lacks EOS: all get the penalty score (P3)
         assert metrics["eval/scores"] == pytest.approx(-1.0)
+    # the RM judge's win rate against the reference summaries: 4 prompts, each 1, 0.5 or 0 -> a multiple of 1/8
+    assert 0.0 <= metrics["eval/win_rate_low"] <= metrics["eval/win_rate"] <= metrics["eval/win_rate_high"] <= 1.0
+    assert (metrics["eval/win_rate"] * 8) == pytest.approx(round(metrics["eval/win_rate"] * 8))
 
 
 # -------------------------------------------------------------------------------------------------- the rollout

@@ -29,14 +29,13 @@ import lightning as L
 import torch
 
 from lit_rlhf.data.datamodules import PromptDataModule
-from lit_rlhf.data.formatting import completion_ids, pad
 from lit_rlhf.evaluation.judges import ChatJudge, LogprobJudge, Verdict
-from lit_rlhf.evaluation.stats import LENGTH_EDGES, by_length, mean_with_interval
-from lit_rlhf.models.forward import response_logprobs, sequence_scores
+from lit_rlhf.evaluation.stats import LENGTH_EDGES, by_length, mean_with_interval, pairwise_outcomes
+from lit_rlhf.models.forward import response_logprobs
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.stages.common import decode_responses
-from lit_rlhf.stages.policy_eval import RANK_SEED_STRIDE, sample_and_score
+from lit_rlhf.stages.policy_eval import RANK_SEED_STRIDE, reference_scores, sample_and_score
 
 
 class PolicySampler(L.LightningModule):
@@ -72,12 +71,6 @@ class PolicySampler(L.LightningModule):
         self.response_length, self.temperature, self.seed = response_length, temperature, seed
         self.truncate, self.non_eos_penalty, self.penalty = truncate_after_eos, non_eos_penalty, penalty_reward_value
 
-    def reference_ids(self, references: list[str]) -> torch.Tensor:
-        """``(B, T')`` right-padded reference completions (" " + summary + EOS, recipe D5) on this module's device."""
-        rows = [completion_ids(self.tokenizer, text, leading_space=True) for text in references]
-        width = max(len(row) for row in rows)
-        return torch.tensor([pad(row, width, self.tokenizer.pad_token_id, "right") for row in rows], device=self.device)
-
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         tok, queries = self.tokenizer, batch["query_ids"]
@@ -94,9 +87,8 @@ class PolicySampler(L.LightningModule):
             "contains_eos": sample["contains_eos"].tolist(),
         }
         if self.reward_model is not None:
-            reference = torch.cat([queries, self.reference_ids(batch["reference"])], dim=1)
             items["score"] = sample["scores"].float().tolist()
-            items["reference_score"] = sequence_scores(self.reward_model, reference, pad_id).float().tolist()
+            items["reference_score"] = reference_scores(self.reward_model, tok, queries, batch["reference"]).tolist()
         if self.ref_policy is not None:
             query_responses = sample["query_responses"]
             logprobs, ref_logprobs = (
@@ -125,10 +117,9 @@ def default_name(path: str) -> str:
 
 def reward_verdicts(scores: list[float], other_scores: list[float]) -> list[Verdict]:
     """The reward model as judge: ``a`` (``scores``) wins where it scores higher than ``b``; equal scores tie."""
-    return [
-        Verdict(1.0 if a > b else 0.0 if a < b else 0.5, "ab", "A" if a > b else "B" if a < b else None, json.dumps({"a": a, "b": b}))
-        for a, b in zip(scores, other_scores)
-    ]
+    outcomes = pairwise_outcomes(torch.tensor(scores, dtype=torch.float64), torch.tensor(other_scores, dtype=torch.float64))
+    answers = {1.0: "A", 0.0: "B", 0.5: None}
+    return [Verdict(o, "ab", answers[o], json.dumps({"a": a, "b": b})) for o, a, b in zip(outcomes.tolist(), scores, other_scores)]
 
 
 def judged(verdicts: list[Verdict], lengths: list[int], edges: tuple[int, ...]) -> dict[str, Any]:

@@ -78,11 +78,14 @@ def summary(run_dir: Path, num_samples: int = 3) -> str:
     temperatures = {_metric(record, "eval/temperature") for _, record in policies} - {None}
     sampled_at = "/".join(f"{t:g}" for t in sorted(temperatures)) or "n/a"
     lines.append(f"\nPolicies on the validation prompts (responses sampled at temperature {sampled_at}, same seeds)")
-    lines.append(f"  {'policy':<12}{'mean RM score':>15}{'KL to SFT':>12}{'length':>10}{'EOS frac':>10}")
+    header = f"  {'policy':<12}{'mean RM score':>15}{'KL to SFT':>12}{'length':>10}{'EOS frac':>10}"
+    lines.append(header + "   win rate vs reference (RM judge, 95% CI)")
     for name, record in policies:
+        win_rate, low, high = (_metric(record, f"eval/win_rate{suffix}") for suffix in ("", "_low", "_high"))
+        interval = f"{_fmt(win_rate)} ({_fmt(low)}-{_fmt(high)})" if win_rate is not None else "n/a"
         lines.append(
             f"  {name:<12}{_fmt(_metric(record, 'eval/scores')):>15}{_fmt(_metric(record, 'eval/kl')):>12}"
-            f"{_fmt(_metric(record, 'eval/response_length'), 1):>10}{_fmt(_metric(record, 'eval/eos_fraction'), 2):>10}"
+            f"{_fmt(_metric(record, 'eval/response_length'), 1):>10}{_fmt(_metric(record, 'eval/eos_fraction'), 2):>10}   {interval}"
         )
 
     sampled = [(name, record) for name, record in policies if record and record.get("samples")]

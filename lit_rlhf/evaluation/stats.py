@@ -18,6 +18,11 @@ from torchmetrics.wrappers import BootStrapper
 LENGTH_EDGES = (20, 30, 40, 50)
 
 
+def pairwise_outcomes(scores: torch.Tensor, other_scores: torch.Tensor) -> torch.Tensor:
+    """Per-item outcome of ``scores`` against ``other_scores`` (both ``(N,)``): 1.0 higher, 0.0 lower, 0.5 equal."""
+    return (scores > other_scores).float() + 0.5 * (scores == other_scores).float()
+
+
 def mean_with_interval(
     values: Sequence[float] | torch.Tensor, confidence: float = 0.95, num_resamples: int = 1000, seed: int = 0
 ) -> dict[str, float]:

@@ -2,7 +2,9 @@
 
 Validation reports, on the validation prompts: the mean reward-model score of sampled responses (EOS handling
 of recipe P3), the KL to the reference / SFT policy (sum over response tokens of the temperature-scaled logprob
-difference, P4), the mean response length and the fraction of responses with an EOS; plus a sample table.
+difference, P4), the mean response length and the fraction of responses with an EOS; the reward model's win rate
+of the responses against the reference summaries (ties half) with a bootstrap 95% interval (``eval/win_rate``,
+``_low``, ``_high``); plus a sample table.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import CatMetric, MeanMetric
 
 from lit_rlhf.algorithms import penalize_missing_eos, truncate_after_eos
+from lit_rlhf.data.formatting import completion_ids, pad
+from lit_rlhf.evaluation.stats import mean_with_interval, pairwise_outcomes
 from lit_rlhf.models.forward import generate, response_logprobs, sequence_scores
 from lit_rlhf.models.trunk import FrozenTrunk
 from lit_rlhf.stages.common import decode_query, decode_responses
@@ -60,6 +64,21 @@ def sample_and_score(
     return sample
 
 
+@torch.no_grad()
+def reference_scores(reward_model: nn.Module, tokenizer: Any, queries: torch.Tensor, references: list[str]) -> torch.Tensor:
+    """Reward-model scores ``(B,)`` (float32) of the reference summaries after their queries.
+
+    Args:
+        queries: ``(B, Q)`` left-padded query ids.
+        references: the B reference summaries, tokenised as SFT completions (" " + summary + EOS, recipe D5).
+    """
+    pad_id = tokenizer.pad_token_id
+    rows = [completion_ids(tokenizer, text, leading_space=True) for text in references]
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([pad(row, width, pad_id, "right") for row in rows], device=queries.device)
+    return sequence_scores(reward_model, torch.cat([queries, ids], dim=1), pad_id).float()
+
+
 class PolicyValidation:
     """Mixin for a LightningModule with ``policy``, ``reward_model``, ``tokenizer`` and :meth:`eval_reference`.
 
@@ -75,6 +94,7 @@ class PolicyValidation:
 
     def init_policy_validation(self) -> None:
         self.val_scores, self.val_kl, self.val_length, self.val_eos = MeanMetric(), MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_outcomes = CatMetric()  # per prompt: 1 the response beats the reference summary, 0.5 tie, 0 loss
         self.validation_samples: list[dict[str, Any]] = []
 
     def eval_reference(self) -> nn.Module:
@@ -106,6 +126,8 @@ class PolicyValidation:
         self.val_kl.update(((logprobs - ref_logprobs) * mask).sum(1))
         self.val_length.update(sample["lengths"].float())
         self.val_eos.update(sample["contains_eos"].float())
+        reference = reference_scores(self.reward_model, tok, queries, batch["reference"])
+        self.val_outcomes.update(pairwise_outcomes(sample["scores"].float(), reference))
         texts = decode_responses(tok, sample["responses"])
         for row in range(len(texts)):
             if len(self.validation_samples) < hp.num_samples:
@@ -121,5 +143,7 @@ class PolicyValidation:
         }
         self.log_dict({key: metric.compute() for key, metric in metrics.items()})
         self.log("eval/temperature", float(self.hparams.eval_temperature))  # read by the quickstart summary
-        for metric in metrics.values():
+        win_rate = mean_with_interval(self.val_outcomes.compute().cpu())  # every rank: the gathered outcomes
+        self.log_dict({"eval/win_rate": win_rate["mean"], "eval/win_rate_low": win_rate["low"], "eval/win_rate_high": win_rate["high"]})
+        for metric in (*metrics.values(), self.val_outcomes):
             metric.reset()
