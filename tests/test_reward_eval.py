@@ -74,3 +74,21 @@ def test_a_judge_on_the_same_pairs(tiny_reward_dir, tiny_model_dir, default_mode
     agree = [float(p["judge"]["outcome"] == float(p["chosen_score"] > p["rejected_score"])) for p in judged]
     assert results["judge"]["rm_agrees_with_judge"] == mean_with_interval(agree)
     assert results["judge"]["judge_agrees_with_labellers"] == mean_with_interval([p["judge"]["outcome"] for p in judged])
+
+
+def test_cnndm_rows_get_their_own_accuracy(tiny_reward_dir, tiny_model_dir, tmp_path):
+    """Comparisons on CNN/DM articles (``info.article``, recipe D2/D3) are scored and reported as their own domain."""
+    data = tmp_path / "comparisons"
+    data.mkdir()
+    rows = [json.loads(line) for line in (COMPARISON_DATA / "validation.jsonl").read_text().splitlines()[:4]]
+    for index, row in enumerate(rows[:2]):
+        row["info"] = {"id": f"cnn{index}", "article": "The council voted on the new bridge.\nWork starts in May.", "site": "cnn",
+                       "title": "Bridge"}
+    (data / "validation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    results = evaluate_reward_model(
+        reward_model=str(tiny_reward_dir), tokenizer=str(tiny_model_dir), data=str(data), query_length=128,
+        output_dir=str(tmp_path / "out"), accelerator="cpu",
+    )
+    assert {domain: figures["n"] for domain, figures in results["by_domain"].items()} == {"cnndm": 2, "tldr": 2}
+    pairs = [json.loads(line) for line in (tmp_path / "out" / "pairs.jsonl").read_text().splitlines()]
+    assert [p["domain"] for p in pairs] == ["cnndm", "cnndm", "tldr", "tldr"] and pairs[0]["prompt"].startswith("Article:")
