@@ -152,7 +152,6 @@ def evaluate(
     length_edges: list[int] = list(LENGTH_EDGES),
     output_dir: str = "runs/eval",
     accelerator: str = "auto",
-    devices: int = 1,
     precision: str = "32-true",
 ) -> dict[str, Any]:
     """Sample every policy on the first ``samples`` validation prompts of ``data`` and judge the summaries.
@@ -180,7 +179,7 @@ def evaluate(
         non_eos_penalty: a response without EOS scores -1 with the reward model (recipe P3, as in validation).
         length_edges: response-length bucket edges in tokens.
         output_dir: where the outputs go.
-        accelerator, devices, precision: Lightning's, for the sampling (one device: the items stay in order).
+        accelerator, precision: Lightning's, for the sampling (on one device, so that the items stay whole and in order).
 
     Returns:
         the content of ``results.json``: per policy its mean length / score / KL and per judge ``win_rate``
@@ -226,7 +225,7 @@ def evaluate(
         sampler = PolicySampler(
             policy, policies[0], reward_model, ref_policy, response_length, temperature, seed, non_eos_penalty=non_eos_penalty
         )
-        trainer = L.Trainer(accelerator=accelerator, devices=devices, precision=precision, logger=False, enable_checkpointing=False)
+        trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False, enable_checkpointing=False)
         rows = [row for batch in trainer.predict(sampler, dataloaders=datamodule.val_dataloader()) for row in batch]
         items[name] = rows
         lengths = [row["response_tokens"] for row in rows]
