@@ -72,3 +72,20 @@ def test_preference_calibration_uses_both_orders():
     confident = preference_calibration([math.log(3)], [0.0])
     assert [(b["confidence"], b["accuracy"]) for b in confident["bins"]] == [(pytest.approx(0.25), 0.0), (pytest.approx(0.75), 1.0)]
     assert confident["ece"] == pytest.approx(0.25, abs=1e-6)
+
+
+def test_grouped_accuracy_with_the_overall_interval():
+    from lit_rlhf.evaluation.metrics import GroupedAccuracy, preference_accuracy
+
+    by_batch, by_confidence = GroupedAccuracy(), GroupedAccuracy()
+    correct = torch.tensor([True, False, True, True])
+    by_batch.update(correct, torch.tensor([0, 0, 1, 1]))
+    by_confidence.update(correct, torch.tensor([3, 9, 9, 9]))
+    metrics = {key: float(value) for key, value in preference_accuracy(by_batch, by_confidence, ["batch13", "batch18"]).items()}
+    interval = mean_with_interval([1.0, 0.0, 1.0, 1.0])
+    assert metrics == {
+        "val/accuracy": 0.75, "val/accuracy_low": pytest.approx(interval["low"]), "val/accuracy_high": pytest.approx(interval["high"]),
+        "val/accuracy_batch/batch13": 0.5, "val/accuracy_batch/batch18": 1.0,
+        "val/accuracy_confidence/3": 1.0, "val/accuracy_confidence/9": pytest.approx(2 / 3),
+    }
+    assert interval["low"] < 0.75 < interval["high"] == 1.0

@@ -127,7 +127,8 @@ def test_rm_fit_logs_finite_losses_and_accuracy(rm_run):
     assert record["global_step"] == 4
     metrics = record["metrics"]
     assert_finite(metrics, "train/loss", "val/loss", "val/accuracy", "val/chosen_score", "val/rejected_score", "val/padding_rel_diff")
-    assert 0.0 <= metrics["val/accuracy"] <= 1.0
+    assert 0.0 <= metrics["val/accuracy_low"] <= metrics["val/accuracy"] <= metrics["val/accuracy_high"] <= 1.0
+    assert metrics["val/accuracy_high"] - metrics["val/accuracy_low"] > 0 or metrics["val/accuracy"] in (0.0, 1.0)
     assert metrics["val/padding_rel_diff"] < 1e-2  # recipe R7: left and right padding score alike
     assert any(key.startswith("val/accuracy_batch/") for key in metrics)
 

@@ -36,6 +36,12 @@ def _metric(record: Optional[dict[str, Any]], key: str) -> Optional[float]:
     return None if record is None else record["metrics"].get(key)
 
 
+def _interval(record: Optional[dict[str, Any]], key: str) -> str:
+    """`` (95% CI low-high)`` of a metric logged with ``_low`` / ``_high`` companions, or ``""``."""
+    low, high = _metric(record, f"{key}_low"), _metric(record, f"{key}_high")
+    return "" if low is None or high is None else f" (95% CI {low:.3f}-{high:.3f})"
+
+
 def summary(run_dir: Path, num_samples: int = 3) -> str:
     """Build the summary text of a quickstart run directory (``{sft,rm,ppo}/results.jsonl``, ``timings.json``; with
     ``make quickstart-dpo`` also ``dpo``, ``dpo_eval`` and ``online_dpo``)."""
@@ -56,7 +62,7 @@ def summary(run_dir: Path, num_samples: int = 3) -> str:
 
     rm = _last(read_results(run_dir / "rm"), "fit")
     lines.append("\nReward model (validation comparisons)")
-    lines.append(f"  accuracy   {_fmt(_metric(rm, 'val/accuracy'))}")
+    lines.append(f"  accuracy   {_fmt(_metric(rm, 'val/accuracy'))}{_interval(rm, 'val/accuracy')}")
     if rm:
         per_batch = {k.split("/")[-1]: v for k, v in rm["metrics"].items() if k.startswith("val/accuracy_batch/")}
         lines.append("  per batch  " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(per_batch.items())))
@@ -65,7 +71,8 @@ def summary(run_dir: Path, num_samples: int = 3) -> str:
     dpo = _last(read_results(run_dir / "dpo"), "fit")
     if dpo:
         lines.append("\nOffline DPO (validation comparisons, implicit reward beta * (logp_policy - logp_ref))")
-        lines.append(f"  accuracy   {_fmt(_metric(dpo, 'val/accuracy'))}   margin {_fmt(_metric(dpo, 'val/reward_margin'))}"
+        lines.append(f"  accuracy   {_fmt(_metric(dpo, 'val/accuracy'))}{_interval(dpo, 'val/accuracy')}"
+                     f"   margin {_fmt(_metric(dpo, 'val/reward_margin'))}"
                      f"   (chosen {_fmt(_metric(dpo, 'val/chosen_reward'))}, rejected {_fmt(_metric(dpo, 'val/rejected_reward'))})")
         per_batch = {k.split("/")[-1]: v for k, v in dpo["metrics"].items() if k.startswith("val/accuracy_batch/")}
         lines.append("  per batch  " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(per_batch.items())))
@@ -81,8 +88,8 @@ def summary(run_dir: Path, num_samples: int = 3) -> str:
     header = f"  {'policy':<12}{'mean RM score':>15}{'KL to SFT':>12}{'length':>10}{'EOS frac':>10}"
     lines.append(header + "   win rate vs reference (RM judge, 95% CI)")
     for name, record in policies:
-        win_rate, low, high = (_metric(record, f"eval/win_rate{suffix}") for suffix in ("", "_low", "_high"))
-        interval = f"{_fmt(win_rate)} ({_fmt(low)}-{_fmt(high)})" if win_rate is not None else "n/a"
+        win_rate = _metric(record, "eval/win_rate")
+        interval = f"{_fmt(win_rate)}{_interval(record, 'eval/win_rate')}" if win_rate is not None else "n/a"
         lines.append(
             f"  {name:<12}{_fmt(_metric(record, 'eval/scores')):>15}{_fmt(_metric(record, 'eval/kl')):>12}"
             f"{_fmt(_metric(record, 'eval/response_length'), 1):>10}{_fmt(_metric(record, 'eval/eos_fraction'), 2):>10}   {interval}"
