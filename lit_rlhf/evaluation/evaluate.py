@@ -31,11 +31,10 @@ import torch
 from lit_rlhf.data.datamodules import PromptDataModule
 from lit_rlhf.evaluation.judges import ChatJudge, LogprobJudge, Verdict
 from lit_rlhf.evaluation.stats import LENGTH_EDGES, by_length, mean_with_interval, pairwise_outcomes
-from lit_rlhf.models.forward import response_logprobs
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.stages.common import decode_responses
-from lit_rlhf.stages.policy_eval import RANK_SEED_STRIDE, reference_scores, sample_and_score
+from lit_rlhf.stages.policy_eval import RANK_SEED_STRIDE, reference_scores, sample_and_score, sample_kl
 
 
 class PolicySampler(L.LightningModule):
@@ -90,12 +89,8 @@ class PolicySampler(L.LightningModule):
             items["score"] = sample["scores"].float().tolist()
             items["reference_score"] = reference_scores(self.reward_model, tok, queries, batch["reference"]).tolist()
         if self.ref_policy is not None:
-            query_responses = sample["query_responses"]
-            logprobs, ref_logprobs = (
-                response_logprobs(model, query_responses, queries.size(1), pad_id, self.temperature)
-                for model in (self.policy, self.ref_policy)
-            )
-            items["kl"] = ((logprobs - ref_logprobs) * (sample["postprocessed"] != pad_id)).sum(1).float().tolist()
+            kl = sample_kl(self.policy, self.ref_policy, sample, queries.size(1), pad_id, self.temperature)
+            items["kl"] = kl.float().tolist()
         prompts = tok.batch_decode(queries, skip_special_tokens=True)
         return [
             {"prompt": prompt, "reference": reference, **{key: values[row] for key, values in items.items()}}

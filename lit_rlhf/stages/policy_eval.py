@@ -65,6 +65,28 @@ def sample_and_score(
 
 
 @torch.no_grad()
+def sample_kl(
+    policy: nn.Module, reference: nn.Module, sample: dict[str, torch.Tensor], context_length: int, pad_token_id: int,
+    temperature: float, trunk: FrozenTrunk = FrozenTrunk(),
+) -> torch.Tensor:
+    """KL ``(B,)`` of each sampled response to ``reference``: the sum over its tokens of the temperature-scaled logprob
+    difference (recipe P4), pad positions after EOS excluded.
+
+    Args:
+        sample: :func:`sample_and_score`'s result (``query_responses``, ``postprocessed``).
+        context_length: the query width ``Q``.
+        trunk: frozen blocks shared by policy and reference (run once), or a disabled trunk.
+    """
+    query_responses = sample["query_responses"]
+    hidden = trunk(query_responses, pad_token_id)  # None when the trunk is disabled
+    logprobs, ref_logprobs = (
+        response_logprobs(trunk.top(model), query_responses, context_length, pad_token_id, temperature, hidden=hidden)
+        for model in (policy, reference)
+    )
+    return ((logprobs - ref_logprobs) * (sample["postprocessed"] != pad_token_id)).sum(1)
+
+
+@torch.no_grad()
 def reference_scores(reward_model: nn.Module, tokenizer: Any, queries: torch.Tensor, references: list[str]) -> torch.Tensor:
     """Reward-model scores ``(B,)`` (float32) of the reference summaries after their queries.
 
@@ -115,15 +137,9 @@ class PolicyValidation:
                 self.policy, self.reward_model, queries, tok, hp.response_length, temperature,
                 hp.truncate_after_eos, hp.non_eos_penalty, hp.penalty_reward_value,
             )
-        query_responses, pad = sample["query_responses"], tok.pad_token_id
-        hidden = self.policy_trunk(query_responses, pad)  # shared by policy and reference, or None
-        logprobs, ref_logprobs = (
-            response_logprobs(self.policy_trunk.top(model), query_responses, queries.size(1), pad, temperature, hidden=hidden)
-            for model in (self.policy, self.eval_reference())
-        )
-        mask = sample["postprocessed"] != pad
         self.val_scores.update(sample["scores"])
-        self.val_kl.update(((logprobs - ref_logprobs) * mask).sum(1))
+        self.val_kl.update(sample_kl(self.policy, self.eval_reference(), sample, queries.size(1), tok.pad_token_id, temperature,
+                                     self.policy_trunk))
         self.val_length.update(sample["lengths"].float())
         self.val_eos.update(sample["contains_eos"].float())
         reference = reference_scores(self.reward_model, tok, queries, batch["reference"])
