@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from stage_helpers import load_checkpoint, stage_config
 
 from lit_rlhf.cli import main
+from lit_rlhf.models.trunk import clear_trunk_caches
 
 pytestmark = pytest.mark.slow
 
@@ -179,6 +180,20 @@ def test_rm_and_dpo_killed_mid_epoch_resume_bit_identically(stage_name, tiny_mod
     stage.run("uninterrupted", checkpoint)
     before, after = kill_and_resume(stage, checkpoint, {"step": 2}, "resumed")
     assert [r["step"] for r in before] == [1, 2] and [r["step"] for r in after] == [3, 4]
+    assert_exact_resume(stage, "resumed", "uninterrupted", before, after)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("stage_name", ["rm", "dpo"])
+def test_rm_and_dpo_with_trunk_cache_resume_bit_identically_in_a_later_epoch(stage_name, tiny_model_dir, tmp_path):
+    """Top block trained on cached trunk outputs (and DPO's cached reference logprobs), two epochs of 4 steps; killed
+    in the second epoch, the resumed run starts with empty caches and must still compute exactly the same."""
+    clear_trunk_caches()  # the resume runs in this process
+    stage = Stage(stage_name, tmp_path, {"model": str(tiny_model_dir), "lr": 1e-3, "trainable_layers": 1}, trainer={"max_epochs": 2})
+    checkpoint = {"every_n_train_steps": 2}
+    stage.run("uninterrupted", checkpoint, fresh_process=True)
+    before, after = kill_and_resume(stage, checkpoint, {"step": 7}, "resumed")
+    assert [r["step"] for r in before] == list(range(1, 7)) and [r["step"] for r in after] == [7, 8]
     assert_exact_resume(stage, "resumed", "uninterrupted", before, after)
 
 

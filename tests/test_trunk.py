@@ -73,3 +73,46 @@ def test_trunk_disabled_unless_frozen_and_identical(tiny_model_dir, query_respon
     # all blocks frozen in every model: nothing left above the trunk to split off
     assert not FrozenTrunk.shared_by(reference, load_causal_lm(str(tiny_model_dir)).requires_grad_(False))
 
+
+
+def test_cached_trunk_gives_the_batched_values_and_runs_each_sequence_once(tiny_model_dir, query_responses):
+    reward_model = freeze_bottom_layers(ScalarModel.from_backbone(str(tiny_model_dir)), trainable_layers=1)
+    batched = FrozenTrunk.shared_by(reward_model)
+    cached = FrozenTrunk.shared_by(reward_model, cache=True)
+    assert batched.cache is None and len(cached.cache) == 0
+    mask = query_responses != PAD
+    first = cached(query_responses, PAD)
+    torch.testing.assert_close(first[mask], batched(query_responses, PAD)[mask], rtol=0, atol=1e-5)
+    assert (first[~mask] == 0).all()  # pads get zeros: masked out anyway
+    assert (cached.cache.misses, cached.cache.hits, len(cached.cache)) == (3, 0, 3)
+    torch.testing.assert_close(
+        sequence_scores(cached.top(reward_model), query_responses, PAD, first), sequence_scores(reward_model, query_responses, PAD),
+        rtol=0, atol=1e-5,
+    )
+    # the same sequences padded on the other side, in another order and batch: found, not recomputed
+    row = query_responses[0][mask[0]]
+    other = torch.full((2, 12), PAD)
+    other[0, 12 - row.numel():] = row
+    other[1, :5] = query_responses[2, :5]  # a new sequence (a prefix of row 2)
+    again = cached(other, PAD)
+    assert (cached.cache.misses, cached.cache.hits, len(cached.cache)) == (4, 1, 4)
+    torch.testing.assert_close(again[0, 12 - row.numel():], first[0][mask[0]], rtol=0, atol=0)
+    # another model with the same trunk finds the same process-wide cache; a changed trunk gets another one
+    assert FrozenTrunk.shared_by(freeze_bottom_layers(ScalarModel.from_backbone(str(tiny_model_dir)), 1), cache=True).cache is cached.cache
+    with torch.no_grad():
+        reward_model.backbone.layers[0].mlp.up_proj.weight.add_(0.1)
+    assert FrozenTrunk.shared_by(reward_model, cache=True).cache is not cached.cache
+
+
+def test_row_cache_budget_and_keys():
+    from lit_rlhf.models.trunk import RowCache, row_keys
+
+    ids = torch.tensor([[PAD, 5, 6, 7], [5, 6, 7, PAD], [5, 6, PAD, 7]])
+    keys = row_keys(ids, PAD)
+    assert keys[0] == keys[1] == keys[2]  # same real tokens, any padding
+    split = row_keys(ids, PAD, split=2)
+    assert split[0] != split[1] and split[1] == split[2]  # query [5] | response [6, 7] vs [5, 6] | [7]
+    cache = RowCache(max_bytes=2 * 4)  # room for two float32 scalars
+    values = cache.get([b"a", b"b", b"c", b"a"], lambda i: torch.tensor(float(i)))
+    assert [v.item() for v in values] == [0.0, 1.0, 2.0, 0.0]
+    assert len(cache) == 2 and cache.bytes == 8 and (cache.hits, cache.misses) == (1, 3)  # "c" computed, not kept

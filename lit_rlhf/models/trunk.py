@@ -7,6 +7,12 @@ rollout's four models and each of the ``num_ppo_epochs`` passes. :class:`FrozenT
 feeds them to *top views* of each model (the same parameters, blocks from the first trainable one up), which
 is exact, not an approximation: a built-in check compares a split forward with a full one.
 
+When the same sequences come back (the reward model's and DPO's epochs over a fixed set of comparisons), a
+:class:`RowCache` keeps each sequence's trunk output from its first forward: ``FrozenTrunk.shared_by(...,
+cache=True)`` computes every row alone, without padding, and reuses it for as long as the trunk's parameters
+are the same (the cache is keyed by a fingerprint of them and by the row's tokens). DPO keeps its reference
+logprobs in a :class:`RowCache` too.
+
 This is a speed-up for partially frozen training only (the CPU quickstart); with every block trainable it
 stays disabled and models run whole.
 """
@@ -14,8 +20,10 @@ stays disabled and models run whole.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
-from typing import Any, Optional
+from collections import OrderedDict
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -70,6 +78,95 @@ def _trunk_parameters(model: nn.Module, num_blocks: int) -> list[torch.Tensor]:
 def _output(result: Any) -> torch.Tensor:
     return result.logits if hasattr(result, "logits") else result
 
+#: default memory budget of one :class:`RowCache` (bytes of stored tensors)
+CACHE_BYTES = 4 * 2**30
+
+
+def row_keys(ids: torch.Tensor, pad_token_id: int, split: Optional[int] = None) -> list[bytes]:
+    """One key per row of padded ``ids`` ``(B, L)``: the bytes of its real (non-pad) tokens.
+
+    The key does not depend on the padding side or width, so the same sequence in another batch finds the same
+    entry. With ``split``, the real tokens before and after column ``split`` are kept apart (a left-padded query
+    and its right-padded response: the same tokens split elsewhere are another row). Values computed under
+    autocast differ from full-precision ones, so the autocast dtype on ``ids``' device (or none) begins every key.
+    """
+    device = ids.device.type
+    context = str(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None).encode() + b"|"
+    rows = ids.cpu()
+    keys = []
+    for row in rows:
+        if split is None:
+            keys.append(context + row[row != pad_token_id].numpy().tobytes())
+        else:
+            head, tail = row[:split], row[split:]
+            keys.append(context + head[head != pad_token_id].numpy().tobytes() + b"|" + tail[tail != pad_token_id].numpy().tobytes())
+    return keys
+
+
+class RowCache:
+    """Tensors computed once per sequence and looked up by :func:`row_keys`, within a memory budget.
+
+    Values are whatever the caller computes for one row (the trunk's hidden states ``(n, H)``, a reference
+    logprob ``()``); they stay on the device they were computed on. Once ``max_bytes`` are stored, further rows
+    are still computed but no longer kept (no eviction: with a shuffled epoch every row is as likely to come back).
+    ``hits`` and ``misses`` count lookups.
+    """
+
+    def __init__(self, max_bytes: int = CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.values: dict[bytes, torch.Tensor] = {}
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def get(self, keys: Sequence[bytes], compute: Callable[[int], torch.Tensor]) -> list[torch.Tensor]:
+        """The value of each key; ``compute(i)`` gives row ``i``'s value when its key is not stored yet."""
+        out = []
+        for index, key in enumerate(keys):
+            value = self.values.get(key)
+            if value is None:
+                self.misses += 1
+                value = compute(index)
+                size = value.numel() * value.element_size()
+                if self.bytes + size <= self.max_bytes:
+                    self.values[key] = value
+                    self.bytes += size
+            else:
+                self.hits += 1
+            out.append(value)
+        return out
+
+
+#: trunk caches of this process by trunk fingerprint, most recent last (a few, so a sweep over folds and
+#: settings reuses them while memory stays bounded)
+_TRUNK_CACHES: "OrderedDict[str, RowCache]" = OrderedDict()
+_MAX_TRUNK_CACHES = 2
+
+
+def clear_trunk_caches() -> None:
+    """Forget every trunk cache of this process (frees their memory)."""
+    _TRUNK_CACHES.clear()
+
+
+def _fingerprint(parameters: list[torch.Tensor]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in parameters:
+        digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+        digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def trunk_cache(parameters: list[torch.Tensor], max_bytes: int = CACHE_BYTES) -> RowCache:
+    """The process-wide :class:`RowCache` of the trunk with these exact parameter values (a new one if none)."""
+    key = _fingerprint(parameters)
+    cache = _TRUNK_CACHES.pop(key, None) or RowCache(max_bytes)
+    _TRUNK_CACHES[key] = cache
+    while len(_TRUNK_CACHES) > _MAX_TRUNK_CACHES:
+        _TRUNK_CACHES.popitem(last=False)
+    return cache
+
 
 class FrozenTrunk:
     """The embeddings and lowest frozen blocks that several models hold identically, run once per batch.
@@ -79,17 +176,21 @@ class FrozenTrunk:
     trunk returns ``None`` hidden states and :meth:`top` returns models unchanged, so callers need no branch.
     """
 
-    def __init__(self, bottom: Optional[nn.Module] = None, num_blocks: int = 0) -> None:
+    def __init__(self, bottom: Optional[nn.Module] = None, num_blocks: int = 0, cache: Optional[RowCache] = None) -> None:
         self.bottom = bottom
         self.num_blocks = num_blocks
+        self.cache = cache
         self._tops: dict[int, nn.Module] = {}
 
     def __bool__(self) -> bool:
         return self.bottom is not None
 
     @classmethod
-    def shared_by(cls, *models: nn.Module) -> "FrozenTrunk":
+    def shared_by(cls, *models: nn.Module, cache: bool = False, cache_bytes: int = CACHE_BYTES) -> "FrozenTrunk":
         """The largest frozen trunk all ``models`` share (identical parameter values), or a disabled one.
+
+        With ``cache``, hidden states are computed row by row and kept in the process's :class:`RowCache` for
+        this trunk (see :meth:`__call__`), at most ``cache_bytes`` of them.
 
         The first model's trunk is the one that runs; the others must equal it, which holds for the PPO policy
         and its reference (both from the SFT checkpoint, lower blocks never trained) and for the value model
@@ -119,7 +220,7 @@ class FrozenTrunk:
             bottom = _view(decoder, **{name: nn.ModuleList(blocks[:num_blocks]), norm: nn.Identity()})
         except (ValueError, StopIteration, AttributeError):
             return cls()
-        trunk = cls(bottom, num_blocks)
+        trunk = cls(bottom, num_blocks, trunk_cache(first, cache_bytes) if cache else None)
         return trunk if all(trunk._matches_full_forward(model) for model in models) else cls()
 
     def top(self, model: nn.Module) -> nn.Module:
@@ -138,15 +239,37 @@ class FrozenTrunk:
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, pad_token_id: int) -> Optional[torch.Tensor]:
-        """Hidden states ``(B, L, H)`` after the shared blocks for padded ``ids`` ``(B, L)``; ``None`` if disabled."""
+        """Hidden states ``(B, L, H)`` after the shared blocks for padded ``ids`` ``(B, L)``; ``None`` if disabled.
+
+        Without a cache the batch runs as it is. With one, each row runs alone on its real tokens (positions
+        0..n-1, as :func:`~lit_rlhf.models.forward.model_inputs` numbers them), so its hidden states do not depend
+        on the batch it came in or on the padding, and a resumed run gets the very values of an uninterrupted
+        one; pad positions get zeros (the attention mask hides them).
+        """
         if not self:
             return None
+        if self.cache is None:
+            return self._batched(ids, pad_token_id)
+        mask = ids != pad_token_id
+        rows = self.cache.get(row_keys(ids, pad_token_id), lambda i: self.row_hidden(ids[i][mask[i]]))
+        hidden = rows[0].new_zeros(*ids.shape, rows[0].size(-1))
+        hidden[mask] = torch.cat(rows).to(hidden.dtype)
+        return hidden
+
+    def _batched(self, ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
         return self.bottom(**model_inputs(ids, pad_token_id), use_cache=False).last_hidden_state
+
+    @torch.no_grad()
+    def row_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``(n, H)`` after the shared blocks for one unpadded sequence ``(n,)``."""
+        if tokens.numel() == 0:
+            return self.bottom.get_input_embeddings().weight.new_zeros(0, self.bottom.config.hidden_size)
+        return self.bottom(input_ids=tokens.unsqueeze(0), use_cache=False).last_hidden_state[0]
 
     @torch.no_grad()
     def _matches_full_forward(self, model: nn.Module) -> bool:
         ids = torch.arange(1, 9, device=model.device).unsqueeze(0)  # (1, 8), no padding
         full = _output(model(**model_inputs(ids, pad_token_id=-1), use_cache=False))
-        hidden = self(ids, pad_token_id=-1)
+        hidden = self._batched(ids, pad_token_id=-1)
         split = _output(self.top(model)(**model_inputs(ids, -1, hidden), use_cache=False))
         return full.shape == split.shape and torch.allclose(full, split, rtol=1e-4, atol=1e-4)

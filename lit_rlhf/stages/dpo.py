@@ -14,7 +14,8 @@ from lit_rlhf.evaluation.metrics import GroupedAccuracy, preference_accuracy
 from lit_rlhf.models.forward import response_logprob_sums
 from lit_rlhf.models.loading import load_tokenizer
 from lit_rlhf.models.lora import LoRA
-from lit_rlhf.models.trunk import FrozenTrunk
+from lit_rlhf.models.parallel import is_sharded
+from lit_rlhf.models.trunk import FrozenTrunk, RowCache, row_keys
 from lit_rlhf.stages.common import StageModule, load_policy_and_reference, lora_hparam, lora_settings
 
 
@@ -35,9 +36,11 @@ class DPOModule(StageModule):
     """Direct preference optimisation of the SFT policy against a frozen copy of it (recipe §1 DPO baseline).
 
     Each step computes the summed response logprobs of chosen and rejected summaries under the policy (with
-    gradient) and under the reference policy (no gradient, once per batch, not cached across epochs), then the
-    loss of :func:`~lit_rlhf.algorithms.dpo_loss`. With ``trainable_layers`` the frozen lower blocks the two
-    models share run once per batch (:class:`~lit_rlhf.models.trunk.FrozenTrunk`; exact).
+    gradient) and under the reference policy (no gradient), then the loss of :func:`~lit_rlhf.algorithms.dpo_loss`.
+    The reference logprob of a sequence is computed once, on the sequence alone, and kept for later epochs and
+    validations (``reference_cache``, a :class:`~lit_rlhf.models.trunk.RowCache`). With ``trainable_layers`` the
+    frozen lower blocks the two models share run once per sequence and are kept too (``trunk_cache``; see
+    :class:`~lit_rlhf.models.trunk.FrozenTrunk`), so a later epoch runs the policy's top blocks only.
 
     Validation reports the implicit reward ``beta * (logp_policy - logp_ref)`` accuracy overall / per comparison
     ``batch`` / per labeller confidence, exactly as the reward model is evaluated (recipe R6), the mean chosen
@@ -55,6 +58,8 @@ class DPOModule(StageModule):
         lora: train LoRA adapters (peft) on the frozen SFT model instead of all weights (``None`` = off); exclusive
             with ``trainable_layers``. The export merges them (``lora.merge_on_export``).
             The reference policy is then the policy with its adapters disabled (no second copy).
+        trunk_cache: keep the shared frozen blocks' output per sequence (with ``trainable_layers``).
+        reference_cache: keep the reference logprob per sequence (off for sharded models: FSDP2, ZeRO-3).
     """
 
     stage_name = "dpo"
@@ -72,6 +77,8 @@ class DPOModule(StageModule):
         weight_decay: float = 0.01,
         trainable_layers: Optional[int] = None,
         lora: Optional[LoRA] = None,
+        trunk_cache: bool = True,
+        reference_cache: bool = True,
     ) -> None:
         super().__init__()
         check_arguments(
@@ -90,13 +97,17 @@ class DPOModule(StageModule):
         self.policy: Any = None
         self.tokenizer: Any = None
         self.trunk = FrozenTrunk()
+        self.reference_logprobs = RowCache() if reference_cache else None
 
     def load_models(self) -> None:
         self.tokenizer = load_tokenizer(self.hparams.model)
         self.policy, self.ref_policy = load_policy_and_reference(self.hparams.model, self.hparams.trainable_layers, lora=self.lora)
 
     def share_frozen_trunks(self) -> None:
-        self.trunk = FrozenTrunk.shared_by(self.policy, self.ref_policy)
+        self.trunk = FrozenTrunk.shared_by(self.policy, self.ref_policy, cache=self.hparams.trunk_cache)
+        if any(is_sharded(model) for model in (self.policy, self.ref_policy)):
+            # a sharded forward is a collective: every rank must run the same ones, not its own cache misses
+            self.reference_logprobs = None
 
     def pair_logprobs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Summed response logprobs ``(B,)``: ``policy_chosen``, ``policy_rejected``, ``ref_chosen``, ``ref_rejected``."""
@@ -105,9 +116,28 @@ class DPOModule(StageModule):
         hidden = self.trunk(ids, pad)  # (2B, Q+T, H), or None
         policy = response_logprob_sums(self.trunk.top(self.policy), ids, query_ids.size(1), pad, hidden)  # (2B,)
         with torch.no_grad():
-            ref = response_logprob_sums(self.trunk.top(self.ref_policy), ids, query_ids.size(1), pad, hidden)
+            ref = self.ref_logprob_sums(ids, query_ids.size(1), hidden)
         size = query_ids.size(0)
         return {"policy_chosen": policy[:size], "policy_rejected": policy[size:], "ref_chosen": ref[:size], "ref_rejected": ref[size:]}
+
+    @torch.no_grad()
+    def ref_logprob_sums(self, ids: torch.Tensor, context_length: int, hidden: Optional[torch.Tensor]) -> torch.Tensor:
+        """Summed reference logprobs ``(B,)`` of the responses in ``ids`` ``(B, Q + T)`` (``hidden``: trunk output).
+
+        With the reference cache each uncached row runs alone, unpadded, so its value does not depend on its batch.
+        """
+        pad, ref_policy = self.tokenizer.pad_token_id, self.trunk.top(self.ref_policy)
+        if self.reference_logprobs is None:
+            return response_logprob_sums(ref_policy, ids, context_length, pad, hidden)
+        mask = ids != pad
+
+        def one_row(i: int) -> torch.Tensor:
+            query = int(mask[i, :context_length].sum())
+            row = ids[i][mask[i]].unsqueeze(0)  # (1, n): the query's and the response's real tokens
+            row_hidden = None if hidden is None else hidden[i][mask[i]].unsqueeze(0)
+            return response_logprob_sums(ref_policy, row, query, pad, row_hidden)[0]
+
+        return torch.stack(self.reference_logprobs.get(row_keys(ids, pad, split=context_length), one_row))
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, chosen_rewards, rejected_rewards)`` of :func:`~lit_rlhf.algorithms.dpo_loss` on a batch."""

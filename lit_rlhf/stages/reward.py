@@ -16,6 +16,7 @@ from lit_rlhf.models.forward import sequence_scores
 from lit_rlhf.models.loading import load_tokenizer
 from lit_rlhf.models.lora import LoRA, add_lora
 from lit_rlhf.models.scalar import ScalarModel
+from lit_rlhf.models.trunk import FrozenTrunk
 from lit_rlhf.stages.common import StageModule, freeze_bottom_layers, lora_hparam, lora_settings
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ class RewardModule(StageModule):
         lora: train LoRA adapters (peft) on the frozen backbone instead of all weights, the scalar head whole
             (``None`` = off); exclusive with ``trainable_layers``. The export is always merged (the R5 bias lives in the
             model's config).
+        trunk_cache: with ``trainable_layers``, run the frozen lower blocks once per sequence and keep their output
+            (:class:`~lit_rlhf.models.trunk.FrozenTrunk` with a :class:`~lit_rlhf.models.trunk.RowCache`), so that every
+            epoch after the first, and every validation after the first, runs the top blocks only.
     """
 
     stage_name = "rm"
@@ -62,6 +66,7 @@ class RewardModule(StageModule):
         padding_rtol: float = 1e-2,
         trainable_layers: Optional[int] = None,
         lora: Optional[LoRA] = None,
+        trunk_cache: bool = True,
     ) -> None:
         super().__init__()
         check_arguments(
@@ -78,6 +83,7 @@ class RewardModule(StageModule):
         self.chosen_mean, self.rejected_mean = MeanMetric(), MeanMetric()
         self.reward_model: Any = None
         self.tokenizer: Any = None
+        self.trunk = FrozenTrunk()
 
     def load_models(self) -> None:
         self.tokenizer = load_tokenizer(self.hparams.model)
@@ -87,12 +93,20 @@ class RewardModule(StageModule):
         else:
             self.reward_model = freeze_bottom_layers(model, self.hparams.trainable_layers)
 
+    def share_frozen_trunks(self) -> None:
+        self.trunk = FrozenTrunk.shared_by(self.reward_model, cache=self.hparams.trunk_cache)
+
+    def scores(self, ids: torch.Tensor) -> torch.Tensor:
+        """Scores ``(B,)`` of padded sequences ``(B, L)``, the frozen lower blocks through :attr:`trunk`."""
+        pad = self.tokenizer.pad_token_id
+        return sequence_scores(self.trunk.top(self.reward_model), ids, pad, self.trunk(ids, pad))
+
     def pair_scores(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores ``(B,)`` of the chosen and rejected sequences, from one forward over both."""
         chosen, rejected, pad = batch["chosen_ids"], batch["rejected_ids"], self.tokenizer.pad_token_id
         width = max(chosen.size(1), rejected.size(1))
         ids = torch.cat([F.pad(chosen, (0, width - chosen.size(1)), value=pad), F.pad(rejected, (0, width - rejected.size(1)), value=pad)])
-        scores = sequence_scores(self.reward_model, ids, pad)  # (2B,)
+        scores = self.scores(ids)  # (2B,)
         return scores[: chosen.size(0)], scores[chosen.size(0) :]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -150,7 +164,7 @@ class RewardModule(StageModule):
         total = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)
         for batch in self.trainer.datamodule.normalization_dataloader():
-            scores = sequence_scores(self.reward_model, batch["input_ids"].to(self.device), self.tokenizer.pad_token_id)
+            scores = self.scores(batch["input_ids"].to(self.device))
             total += scores.sum()
             count += scores.numel()
         total = self.trainer.strategy.reduce(total, reduce_op="sum")
