@@ -8,7 +8,7 @@ import torch
 from lit_rlhf.models.forward import response_logprobs, sequence_scores
 from lit_rlhf.models.loading import load_causal_lm
 from lit_rlhf.models.scalar import ScalarModel
-from lit_rlhf.models.trunk import FrozenTrunk
+from lit_rlhf.models.trunk import FrozenTrunk, clear_trunk_caches
 from lit_rlhf.stages.common import freeze_bottom_layers
 
 PAD = 49152  # [PAD], outside the embedding matrix (recipe D6)
@@ -76,6 +76,7 @@ def test_trunk_disabled_unless_frozen_and_identical(tiny_model_dir, query_respon
 
 
 def test_cached_trunk_gives_the_batched_values_and_runs_each_sequence_once(tiny_model_dir, query_responses):
+    clear_trunk_caches()  # earlier tests of this process may have filled the cache of the same tiny trunk
     reward_model = freeze_bottom_layers(ScalarModel.from_backbone(str(tiny_model_dir)), trainable_layers=1)
     batched = FrozenTrunk.shared_by(reward_model)
     cached = FrozenTrunk.shared_by(reward_model, cache=True)
