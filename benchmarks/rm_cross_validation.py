@@ -45,9 +45,9 @@ from lit_rlhf.stages.reward import RewardModule  # noqa: E402
 def post_folds(data: Any, pad_token_id: int, num_folds: int, seed: int) -> list[list[int]]:
     """Row indices of each fold; rows with the same query (post) share a fold. Posts are shuffled with ``seed``
     and dealt to the folds in turn, largest groups first, so that fold sizes stay close."""
-    groups: dict[bytes, list[int]] = {}
+    groups: dict[tuple[int, ...], list[int]] = {}
     for index, query in enumerate(data["query_ids"]):
-        groups.setdefault(torch.tensor(query)[torch.tensor(query) != pad_token_id].numpy().tobytes(), []).append(index)
+        groups.setdefault(tuple(token for token in query if token != pad_token_id), []).append(index)
     posts = list(groups.values())
     random.Random(seed).shuffle(posts)
     posts.sort(key=len, reverse=True)

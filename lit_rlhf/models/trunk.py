@@ -92,15 +92,14 @@ def row_keys(ids: torch.Tensor, pad_token_id: int, split: Optional[int] = None) 
     """
     device = ids.device.type
     context = str(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None).encode() + b"|"
+
+    def real(tokens: torch.Tensor) -> bytes:
+        return tokens[tokens != pad_token_id].numpy().tobytes()
+
     rows = ids.cpu()
-    keys = []
-    for row in rows:
-        if split is None:
-            keys.append(context + row[row != pad_token_id].numpy().tobytes())
-        else:
-            head, tail = row[:split], row[split:]
-            keys.append(context + head[head != pad_token_id].numpy().tobytes() + b"|" + tail[tail != pad_token_id].numpy().tobytes())
-    return keys
+    if split is None:
+        return [context + real(row) for row in rows]
+    return [context + real(row[:split]) + b"|" + real(row[split:]) for row in rows]
 
 
 class RowCache:
