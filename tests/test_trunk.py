@@ -105,6 +105,30 @@ def test_cached_trunk_gives_the_batched_values_and_runs_each_sequence_once(tiny_
     assert FrozenTrunk.shared_by(reward_model, cache=True).cache is not cached.cache
 
 
+def test_cached_trunk_runs_a_shared_prefix_once_with_the_full_row_values(tiny_model_dir):
+    clear_trunk_caches()
+    reward_model = freeze_bottom_layers(ScalarModel.from_backbone(str(tiny_model_dir)), trainable_layers=1)
+    trunk = FrozenTrunk.shared_by(reward_model, cache=True)
+    torch.manual_seed(1)
+    query, chosen, rejected = torch.randint(3, 1000, (6,)), torch.randint(3, 1000, (3,)), torch.randint(3, 1000, (2,))
+    ids = torch.full((2, 9), PAD)  # a pair: query + chosen, query + rejected, right-padded
+    ids[0] = torch.cat([query, chosen])
+    ids[1, :8] = torch.cat([query, rejected])
+    calls = []
+    handle = trunk.bottom.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    shared = trunk(ids, PAD, prefix_lengths=torch.tensor([6, 6]))
+    handle.remove()
+    assert calls == [(1, 6), (1, 3), (1, 2)]  # the query once, then each summary on its key/value cache
+    mask = ids != PAD
+    whole = [trunk.row_hidden(ids[i][mask[i]]) for i in range(2)]  # each row in one forward
+    torch.testing.assert_close(shared[0], whole[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(shared[1, :8], whole[1], rtol=0, atol=1e-5)
+    # the same rows without the split are other cache entries; with it, hits
+    trunk(ids, PAD)
+    trunk(ids, PAD, prefix_lengths=torch.tensor([6, 6]))
+    assert (trunk.cache.misses, trunk.cache.hits) == (4, 2)
+
+
 def test_row_cache_budget_and_keys():
     from lit_rlhf.models.trunk import RowCache, row_keys
 

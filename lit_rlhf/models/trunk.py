@@ -237,20 +237,31 @@ class FrozenTrunk:
         return self._tops[id(model)]
 
     @torch.no_grad()
-    def __call__(self, ids: torch.Tensor, pad_token_id: int) -> Optional[torch.Tensor]:
+    def __call__(
+        self, ids: torch.Tensor, pad_token_id: int, prefix_lengths: Optional[torch.Tensor] = None
+    ) -> Optional[torch.Tensor]:
         """Hidden states ``(B, L, H)`` after the shared blocks for padded ``ids`` ``(B, L)``; ``None`` if disabled.
 
         Without a cache the batch runs as it is. With one, each row runs alone on its real tokens (positions
         0..n-1, as :func:`~lit_rlhf.models.forward.model_inputs` numbers them), so its hidden states do not depend
         on the batch it came in or on the padding, and a resumed run gets the very values of an uninterrupted
         one; pad positions get zeros (the attention mask hides them).
+
+        ``prefix_lengths`` ``(B,)`` (cached path only) says how many of each row's first real tokens are a prefix
+        that other rows of the batch may share: a comparison's query, common to its chosen and rejected sequences.
+        Each distinct prefix then runs once, and each row's remaining tokens run on its key/value cache
+        (:meth:`row_hidden`), which for a TL;DR pair (a ~157-token query, two ~35-token summaries) is about 1.7x
+        fewer tokens through the trunk.
         """
         if not self:
             return None
         if self.cache is None:
             return self._batched(ids, pad_token_id)
         mask = ids != pad_token_id
-        rows = self.cache.get(row_keys(ids, pad_token_id), lambda i: self.row_hidden(ids[i][mask[i]]))
+        splits = [0] * ids.size(0) if prefix_lengths is None else [int(n) for n in prefix_lengths]
+        keys = [key + b"|%d" % split for key, split in zip(row_keys(ids, pad_token_id), splits)]
+        prefixes: dict[bytes, tuple[torch.Tensor, Any]] = {}  # this batch's prefixes: hidden states, key/value cache
+        rows = self.cache.get(keys, lambda i: self.row_hidden(ids[i][mask[i]], splits[i], prefixes))
         hidden = rows[0].new_zeros(*ids.shape, rows[0].size(-1))
         hidden[mask] = torch.cat(rows).to(hidden.dtype)
         return hidden
@@ -259,11 +270,29 @@ class FrozenTrunk:
         return self.bottom(**model_inputs(ids, pad_token_id), use_cache=False).last_hidden_state
 
     @torch.no_grad()
-    def row_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Hidden states ``(n, H)`` after the shared blocks for one unpadded sequence ``(n,)``."""
+    def row_hidden(
+        self, tokens: torch.Tensor, prefix_length: int = 0, prefixes: Optional[dict[bytes, tuple[torch.Tensor, Any]]] = None
+    ) -> torch.Tensor:
+        """Hidden states ``(n, H)`` after the shared blocks for one unpadded sequence ``(n,)``.
+
+        With ``0 < prefix_length < n``, the first ``prefix_length`` tokens run first (their hidden states and
+        key/value cache are kept in ``prefixes`` under their bytes, for the next row with the same prefix) and the
+        rest runs on that cache. The result depends on ``tokens`` and ``prefix_length`` only, not on ``prefixes``.
+        """
         if tokens.numel() == 0:
             return self.bottom.get_input_embeddings().weight.new_zeros(0, self.bottom.config.hidden_size)
-        return self.bottom(input_ids=tokens.unsqueeze(0), use_cache=False).last_hidden_state[0]
+        if not 0 < prefix_length < tokens.numel():
+            return self.bottom(input_ids=tokens.unsqueeze(0), use_cache=False).last_hidden_state[0]
+        prefixes = {} if prefixes is None else prefixes
+        key = tokens[:prefix_length].cpu().numpy().tobytes()
+        if key not in prefixes:
+            out = self.bottom(input_ids=tokens[:prefix_length].unsqueeze(0), use_cache=True)
+            prefixes[key] = (out.last_hidden_state[0], out.cache)
+        prefix_hidden, past = prefixes[key]
+        rest = tokens[prefix_length:]
+        out = self.bottom(input_ids=rest.unsqueeze(0), cache=past, use_cache=True)
+        past.crop(-rest.numel())  # back to the prefix alone for the next row
+        return torch.cat([prefix_hidden, out.last_hidden_state[0]])
 
     @torch.no_grad()
     def _matches_full_forward(self, model: nn.Module) -> bool:

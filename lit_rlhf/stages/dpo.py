@@ -113,7 +113,8 @@ class DPOModule(StageModule):
         """Summed response logprobs ``(B,)``: ``policy_chosen``, ``policy_rejected``, ``ref_chosen``, ``ref_rejected``."""
         pad, query_ids = self.tokenizer.pad_token_id, batch["query_ids"]
         ids = stack_pair(query_ids, batch["chosen_response_ids"], batch["rejected_response_ids"], pad)  # (2B, Q+T)
-        hidden = self.trunk(ids, pad)  # (2B, Q+T, H), or None
+        queries = (query_ids != pad).sum(1).repeat(2)  # (2B,) each row's query tokens, shared by its pair
+        hidden = self.trunk(ids, pad, prefix_lengths=queries)  # (2B, Q+T, H), or None
         policy = response_logprob_sums(self.trunk.top(self.policy), ids, query_ids.size(1), pad, hidden)  # (2B,)
         with torch.no_grad():
             ref = self.ref_logprob_sums(ids, query_ids.size(1), hidden)

@@ -96,17 +96,20 @@ class RewardModule(StageModule):
     def share_frozen_trunks(self) -> None:
         self.trunk = FrozenTrunk.shared_by(self.reward_model, cache=self.hparams.trunk_cache)
 
-    def scores(self, ids: torch.Tensor) -> torch.Tensor:
-        """Scores ``(B,)`` of padded sequences ``(B, L)``, the frozen lower blocks through :attr:`trunk`."""
+    def scores(self, ids: torch.Tensor, prefix_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Scores ``(B,)`` of padded sequences ``(B, L)``, the frozen lower blocks through :attr:`trunk`
+        (``prefix_lengths`` ``(B,)``: real tokens each row shares with others, see :class:`FrozenTrunk`)."""
         pad = self.tokenizer.pad_token_id
-        return sequence_scores(self.trunk.top(self.reward_model), ids, pad, self.trunk(ids, pad))
+        hidden = self.trunk(ids, pad, prefix_lengths=prefix_lengths)
+        return sequence_scores(self.trunk.top(self.reward_model), ids, pad, hidden)
 
     def pair_scores(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores ``(B,)`` of the chosen and rejected sequences, from one forward over both."""
         chosen, rejected, pad = batch["chosen_ids"], batch["rejected_ids"], self.tokenizer.pad_token_id
         width = max(chosen.size(1), rejected.size(1))
         ids = torch.cat([F.pad(chosen, (0, width - chosen.size(1)), value=pad), F.pad(rejected, (0, width - rejected.size(1)), value=pad)])
-        scores = self.scores(ids)  # (2B,)
+        queries = (batch["query_ids"] != pad).sum(1).repeat(2) if "query_ids" in batch else None  # (2B,)
+        scores = self.scores(ids, prefix_lengths=queries)  # (2B,), each pair's query through the trunk once
         return scores[: chosen.size(0)], scores[chosen.size(0) :]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
