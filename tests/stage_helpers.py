@@ -39,8 +39,9 @@ def stage_config(
     section = config["trainer"]
     section["default_root_dir"] = str(root / stage)
     section["logger"]["init_args"]["save_dir"] = str(root / "tensorboard")
-    section.update(precision="32-true", enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    section.update(trainer or {})
+    # one epoch unless the stage or the caller says otherwise (the quickstart RM's 2 epochs are its CV-chosen setting)
+    section.update(precision="32-true", enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   max_epochs=1)
     if stage == "sft":
         config["data"].update(
             path=str(SFT_DATA), query_length=QUERY_LENGTH, response_length=SFT_RESPONSE_LENGTH, max_length=SFT_MAX_LENGTH,
@@ -70,6 +71,7 @@ def stage_config(
         config["trainer"].update(max_epochs=2, check_val_every_n_epoch=2)
     else:
         raise ValueError(stage)
+    section.update(trainer or {})
     config["model"]["trainable_layers"] = None  # the quickstart's value assumes SmolLM2's 30 blocks
     config["model"].update(model or {})
     config["data"].update(data or {})
