@@ -12,7 +12,8 @@ does), under bf16 autocast, and prints one row per way of doing it:
 - ``cache, query shared``: each pair's query once, its two summaries on the query's key/value cache;
 - ``cache, hits``: the same batches again (every later epoch).
 
-The cache rows check their values against the batched forward (largest difference over real tokens, relative to the largest hidden value; bf16). Nothing here is a test.
+The cache rows check their values against the batched forward (largest difference over real tokens, relative to the
+largest hidden value; bf16). Nothing here is a test.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 from conftest import ROOT
-from test_fsdp2 import free_port
+from stage_helpers import free_port
 
 pytest.importorskip("deepspeed")
 

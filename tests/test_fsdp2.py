@@ -1,14 +1,17 @@
-"""FSDP2 (``--trainer.strategy fsdp2``, Lightning's ``ModelParallelStrategy``) with two CPU processes, every stage.
+"""DDP and FSDP2 (``--trainer.strategy fsdp2``, Lightning's ``ModelParallelStrategy``) with two CPU processes, every stage.
 
 Each stage runs twice on the tiny model with the same seed and data, once under DDP and once under FSDP2; the two
 must train the same model: the exported weights and the logged losses agree within ``ATOL`` (measured: identical
 in float32). The PPO run also resumes from a mid-run distributed checkpoint to the uninterrupted run's weights.
+The DDP runs double as the DDP tests of PPO and online DPO (what each rank runs, what rank 0 writes).
+
+Runs start their two ranks with ``torchrun``; the PPO DDP run and ``tests/test_distributed.py`` go through
+Lightning's own launcher (``--trainer.devices 2``), the two-node test through ``torchrun --nnodes 2``.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +22,11 @@ import torch
 import yaml
 from conftest import ROOT
 from safetensors.torch import load_file
-from stage_helpers import results, run_processes, stage_config
+from stage_helpers import assert_finite, free_port, last_checkpoint, load_checkpoint, results, run_processes, stage_config
 from torch.distributed.checkpoint import FileSystemReader
+from transformers import AutoModelForCausalLM
+
+from lit_rlhf.models.scalar import ScalarModel
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -59,7 +65,8 @@ def losses(run: Path) -> dict[str, float]:
 
 
 def run_stage(
-    stage: str, strategy: str, tmp_path: Path, model: dict, data: dict, *args: str, callback: Optional[dict] = None
+    stage: str, strategy: str, tmp_path: Path, model: dict, data: dict, *args: str, callback: Optional[dict] = None,
+    launcher: str = "torchrun",
 ) -> tuple[Path, str]:
     cli_stage = stage.replace("_", "-")
     config = stage_config(stage, tmp_path / strategy, model=model, data=data)
@@ -67,7 +74,7 @@ def run_stage(
         settings = yaml.safe_load(config.read_text())
         settings["trainer"]["callbacks"][0]["init_args"] = callback
         config.write_text(yaml.safe_dump(settings))
-    output = run_processes(cli_stage, config, strategy, *args)
+    output = run_processes(cli_stage, config, strategy, *args, launcher=launcher)
     return tmp_path / strategy / stage, output
 
 
@@ -90,16 +97,37 @@ def test_fsdp2_trains_the_same_model_as_ddp(stage, tiny_model_dir, tiny_reward_d
     assert checkpoint.is_dir() and sorted(p.name for p in checkpoint.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     if stage == "online_dpo":
         assert (fsdp2 / "epochs" / "epoch-0" / "model.safetensors").is_file()
+        # DDP: the ranks form different numbers of pairs (2 prompts each per iteration) yet take the same number of
+        # optimiser steps (a rank that stepped alone would hang the other in its gradient reduction)
+        assert_finite(results(ddp)[-1]["metrics"], "iteration/scores", "iteration/kl", "train/loss", "eval/scores")
+        assert (ddp / "epochs" / "epoch-1" / "model.safetensors").is_file()
 
 
 @pytest.fixture(scope="module")
 def ppo_runs(tmp_path_factory, tiny_model_dir, tiny_reward_dir) -> tuple[Path, Path, str, dict, dict]:
-    """PPO (2 updates per rank) under DDP and under FSDP2 keeping a distributed checkpoint after each update."""
+    """PPO (2 updates per rank) under DDP (Lightning's launcher) and under FSDP2 keeping a distributed checkpoint after
+    each update."""
     tmp_path = tmp_path_factory.mktemp("ppo_fsdp2")
     model, data = stage_settings("ppo", tiny_model_dir, tiny_reward_dir)
-    ddp, _ = run_stage("ppo", "ddp", tmp_path, model, data)
+    ddp, _ = run_stage("ppo", "ddp", tmp_path, model, data, launcher="lightning")
     fsdp2, output = run_stage("ppo", "fsdp2", tmp_path, model, data, callback={"every_n_updates": 1, "save_top_k": -1})
     return ddp, fsdp2, output, model, data
+
+
+@pytest.mark.timeout(900)
+def test_ppo_ddp_two_cpu_processes(ppo_runs):
+    ddp, *_ = ppo_runs
+    assert AutoModelForCausalLM.from_pretrained(ddp / "model").get_input_embeddings().num_embeddings == 49152
+    assert ScalarModel.load(str(ddp / "model" / "value")).config.hidden_size == 32
+    fits = [record for record in results(ddp) if record["fn"] == "fit"]
+    assert len(fits) == 1, "ValidationResults writes on rank 0 only"
+    # the episode stream is sharded: 8 episodes in batches of 2 per rank = 2 updates per rank, of 2 PPO epochs each
+    assert fits[0]["global_step"] == 2 * 2
+    assert_finite(fits[0]["metrics"], "loss/policy", "loss/value", "objective/kl", "objective/scores", "eval/scores", "eval/kl")
+    assert 1.0 <= fits[0]["metrics"]["objective/response_length"] <= 8.0
+    state = load_checkpoint(last_checkpoint(ddp.parent, "ppo"))
+    assert state["global_step"] == 2 * 2
+    assert not [key for key in state["state_dict"] if key.startswith(("ref_policy.", "reward_model."))]
 
 
 @pytest.mark.timeout(900)
@@ -126,12 +154,6 @@ def test_fsdp2_ppo_matches_ddp_and_resumes_from_a_mid_run_checkpoint(ppo_runs, t
     replicated = stage_config("ppo", tmp_path / "replicated", model=model, data=data)
     run_processes("ppo", replicated, "fsdp2_replicate_frozen")
     assert max_difference(exported_weights(tmp_path / "replicated" / "ppo"), reference) <= ATOL
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.timeout(900)

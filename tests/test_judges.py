@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_fsdp2 import free_port
+from stage_helpers import free_port
 
 from lit_rlhf.evaluation.judges import ChatJudge, LogprobJudge, Verdict, _orders, _outcome, parse_choice
 
