@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_rlhf.models.forward import response_logprobs, sequence_scores
+from lit_rlhf.models.forward import model_inputs, response_logprobs, sequence_scores
 from lit_rlhf.models.loading import load_causal_lm
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.models.trunk import FrozenTrunk, clear_trunk_caches
@@ -141,3 +141,25 @@ def test_row_cache_budget_and_keys():
     values = cache.get([b"a", b"b", b"c", b"a"], lambda i: torch.tensor(float(i)))
     assert [v.item() for v in values] == [0.0, 1.0, 2.0, 0.0]
     assert len(cache) == 2 and cache.bytes == 8 and (cache.hits, cache.misses) == (1, 3)  # "c" computed, not kept
+
+
+def test_under_autocast_the_trunk_runs_on_pre_cast_linear_weights_with_bit_identical_outputs(tiny_model_dir, query_responses):
+    clear_trunk_caches()
+    reward_model = freeze_bottom_layers(ScalarModel.from_backbone(str(tiny_model_dir)), trainable_layers=1)
+    batched, cached = FrozenTrunk.shared_by(reward_model), FrozenTrunk.shared_by(reward_model, cache=True)
+    mask = query_responses != PAD
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        # what autocast computes from the fp32 weights, casting them at every call
+        want_batched = batched.bottom(**model_inputs(query_responses, PAD), use_cache=False).last_hidden_state
+        want_rows = [batched.bottom(input_ids=ids[m].unsqueeze(0), use_cache=False).last_hidden_state[0]
+                     for ids, m in zip(query_responses, mask)]
+        got_batched, got_cached = batched(query_responses, PAD), cached(query_responses, PAD)
+    assert torch.equal(got_batched, want_batched)
+    assert torch.equal(got_cached[mask], torch.cat(want_rows))
+    running = cached._cast_bottoms[torch.bfloat16]
+    projection = running.layers[0].mlp.up_proj.weight
+    assert projection.dtype == torch.bfloat16 and not projection.requires_grad
+    assert reward_model.backbone.layers[0].mlp.up_proj.weight.dtype == torch.float32  # the model itself is untouched
+    assert running.embed_tokens.weight is reward_model.backbone.embed_tokens.weight  # shared, not copied
+    assert running.layers[0].input_layernorm.weight is reward_model.backbone.layers[0].input_layernorm.weight
+    assert cached._running_bottom() is cached.bottom  # outside autocast: the model's own blocks

@@ -75,6 +75,17 @@ def _trunk_parameters(model: nn.Module, num_blocks: int) -> list[torch.Tensor]:
     return [p for module in modules for p in module.parameters()]
 
 
+def _with_cast_linears(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``module`` whose ``nn.Linear`` weights and biases are stored in ``dtype``; every other parameter is
+    shared with ``module``, not copied."""
+    memo: dict[int, Any] = {}
+    for submodule in module.modules():
+        for parameter in submodule.parameters(recurse=False):
+            cast = isinstance(submodule, nn.Linear) and parameter.is_floating_point()
+            memo[id(parameter)] = nn.Parameter(parameter.detach().to(dtype), requires_grad=False) if cast else parameter
+    return copy.deepcopy(module, memo)
+
+
 def _output(result: Any) -> torch.Tensor:
     return result.logits if hasattr(result, "logits") else result
 
@@ -180,6 +191,7 @@ class FrozenTrunk:
         self.num_blocks = num_blocks
         self.cache = cache
         self._tops: dict[int, nn.Module] = {}
+        self._cast_bottoms: dict[torch.dtype, nn.Module] = {}
 
     def __bool__(self) -> bool:
         return self.bottom is not None
@@ -267,7 +279,24 @@ class FrozenTrunk:
         return hidden
 
     def _batched(self, ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-        return self.bottom(**model_inputs(ids, pad_token_id), use_cache=False).last_hidden_state
+        return self._running_bottom()(**model_inputs(ids, pad_token_id), use_cache=False).last_hidden_state
+
+    def _running_bottom(self) -> nn.Module:
+        """:attr:`bottom`, or under autocast a copy of it with its linear layers' parameters already in the autocast
+        dtype (made once per dtype, ~2 bytes per trunk parameter).
+
+        Autocast casts a weight to bf16 at every call unless the weight requires grad (its cast cache keeps no other),
+        so the frozen trunk's weights were cast anew for every row of the cached pass. The copy's matrix products get
+        the very same bf16 values, so its outputs are bit-identical; measured on SmolLM2-135M's 28 lower blocks, one
+        row at a time (2 cores, AMX): 3.9 -> 3.0 s for 30 rows.
+        """
+        device = self.bottom.get_input_embeddings().weight.device.type
+        if not torch.is_autocast_enabled(device):
+            return self.bottom
+        dtype = torch.get_autocast_dtype(device)
+        if dtype not in self._cast_bottoms:
+            self._cast_bottoms[dtype] = _with_cast_linears(self.bottom, dtype)
+        return self._cast_bottoms[dtype]
 
     @torch.no_grad()
     def row_hidden(
@@ -281,16 +310,17 @@ class FrozenTrunk:
         """
         if tokens.numel() == 0:
             return self.bottom.get_input_embeddings().weight.new_zeros(0, self.bottom.config.hidden_size)
+        bottom = self._running_bottom()
         if not 0 < prefix_length < tokens.numel():
-            return self.bottom(input_ids=tokens.unsqueeze(0), use_cache=False).last_hidden_state[0]
+            return bottom(input_ids=tokens.unsqueeze(0), use_cache=False).last_hidden_state[0]
         prefixes = {} if prefixes is None else prefixes
         key = tokens[:prefix_length].cpu().numpy().tobytes()
         if key not in prefixes:
-            out = self.bottom(input_ids=tokens[:prefix_length].unsqueeze(0), use_cache=True)
+            out = bottom(input_ids=tokens[:prefix_length].unsqueeze(0), use_cache=True)
             prefixes[key] = (out.last_hidden_state[0], out.cache)
         prefix_hidden, past = prefixes[key]
         rest = tokens[prefix_length:]
-        out = self.bottom(input_ids=rest.unsqueeze(0), cache=past, use_cache=True)
+        out = bottom(input_ids=rest.unsqueeze(0), cache=past, use_cache=True)
         past.crop(-rest.numel())  # back to the prefix alone for the next row
         return torch.cat([prefix_hidden, out.last_hidden_state[0]])
 
