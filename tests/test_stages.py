@@ -37,6 +37,7 @@ from lit_rlhf.models.forward import sequence_scores
 from lit_rlhf.models.loading import PAD_TOKEN, load_tokenizer
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.stages.ppo import PPOModule
+from lit_rlhf.stages.reward import RewardModule
 
 VOCAB = 49152  # the tiny model's embedding rows (SmolLM2's vocabulary; [PAD] lies outside, recipe D6)
 
@@ -131,6 +132,24 @@ def test_rm_fit_logs_finite_losses_and_accuracy(rm_run):
     assert metrics["val/accuracy_high"] - metrics["val/accuracy_low"] > 0 or metrics["val/accuracy"] in (0.0, 1.0)
     assert metrics["val/padding_rel_diff"] < 1e-2  # recipe R7: left and right padding score alike
     assert any(key.startswith("val/accuracy_batch/") for key in metrics)
+
+
+@pytest.mark.slow
+def test_rm_padding_check_runs_in_full_precision_under_bf16_autocast(default_model_dir):
+    """Recipe R7 checks masks and positions: under bf16 autocast left and right padding round differently (on
+    SmolLM2-135M; the tiny random model rounds both alike), so the check runs with autocast off and finds them equal."""
+    module = RewardModule(model=str(default_model_dir))
+    module.load_models()
+    torch.manual_seed(0)
+    pad = module.tokenizer.pad_token_id
+    ids = torch.full((4, 40), pad)
+    for row, length in enumerate((40, 31, 17, 9)):
+        ids[row, :length] = torch.randint(3, 1000, (length,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = sequence_scores(module.reward_model, ids, pad)
+        gap = module.padding_check(ids)
+    assert rounded.dtype == torch.float32 and not torch.equal(rounded, sequence_scores(module.reward_model, ids, pad))
+    assert gap < 1e-5
 
 
 def test_rm_export_has_r5_bias(rm_run, sft_run):
