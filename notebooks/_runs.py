@@ -44,7 +44,7 @@ def _small_run(project: Path) -> dict[str, Path]:
         "sft": ["--model.model", str(tiny), "--model.lr", "1e-3", "--data.train_samples", "64", "--data.val_samples", "8",
                 "--model.rouge_batches", "1"],
         "rm": ["--model.model", str(root / "sft" / "model"), "--model.lr", "1e-3", "--data.train_samples", "64",
-               "--data.normalization_samples", "8"],
+               "--data.normalization_samples", "8", "--trainer.max_epochs", "1"],
         "ppo": ["--model.policy", str(root / "sft" / "model"), "--model.reward_model", str(root / "rm" / "model"),
                 "--model.lr", "1e-3", "--data.total_episodes", "32", "--data.batch_size", "8", "--data.val_samples", "16"],
     }
