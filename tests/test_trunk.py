@@ -163,3 +163,39 @@ def test_under_autocast_the_trunk_runs_on_pre_cast_linear_weights_with_bit_ident
     assert running.embed_tokens.weight is reward_model.backbone.embed_tokens.weight  # shared, not copied
     assert running.layers[0].input_layernorm.weight is reward_model.backbone.layers[0].input_layernorm.weight
     assert cached._running_bottom() is cached.bottom  # outside autocast: the model's own blocks
+
+
+@pytest.mark.parametrize("trunk_blocks", [0, 1])
+def test_shared_prefix_scores_equal_whole_rows_with_their_gradients(tiny_model_dir, trunk_blocks):
+    from lit_rlhf.models.forward import shared_prefix_scores
+
+    torch.manual_seed(2)
+    reward_model = ScalarModel.from_backbone(str(tiny_model_dir))
+    if trunk_blocks:
+        freeze_bottom_layers(reward_model, trainable_layers=1)
+    with torch.no_grad():
+        reward_model.scalar_head.bias.fill_(0.3)
+    reward_model.config.bias = 0.1
+    # 3 pairs, queries of 5 / 2 / 4 tokens; continuations of 3, 1, 2 (chosen) and 2, 4, 1 (rejected), right-padded
+    queries, chosen, rejected = [5, 2, 4], [3, 1, 2], [2, 4, 1]
+    ids = torch.full((6, 8), PAD)
+    for i, (q, c, r) in enumerate(zip(queries, chosen, rejected)):
+        query = torch.randint(3, 1000, (q,))
+        ids[i, : q + c] = torch.cat([query, torch.randint(3, 1000, (c,))])
+        ids[3 + i, : q + r] = torch.cat([query, torch.randint(3, 1000, (r,))])
+    trunk = FrozenTrunk.shared_by(reward_model, cache=True)
+    assert bool(trunk) == bool(trunk_blocks)
+    hidden = trunk(ids, PAD, prefix_lengths=torch.tensor(queries).repeat(2))
+    top = trunk.top(reward_model)
+    whole = sequence_scores(reward_model, ids, PAD)  # (6,) each row in full
+    shared = shared_prefix_scores(top, ids, torch.tensor(queries), PAD, hidden)
+    torch.testing.assert_close(shared, whole, rtol=0, atol=1e-5)
+    trained = [p for p in reward_model.parameters() if p.requires_grad]
+    grads_whole = torch.autograd.grad((whole * torch.arange(1.0, 7.0)).sum(), trained)
+    grads_shared = torch.autograd.grad((shared * torch.arange(1.0, 7.0)).sum(), trained)
+    for a, b in zip(grads_shared, grads_whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="token after"):
+        shared_prefix_scores(top, ids, torch.tensor([5, 2, 6]), PAD, hidden)
+    with pytest.raises(ValueError, match="cannot share"):
+        shared_prefix_scores(top, ids, torch.tensor([5, 2, 4, 1]), PAD, hidden)

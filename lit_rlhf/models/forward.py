@@ -109,6 +109,83 @@ def sequence_scores(
     return values[rows, last_token_index(inputs["attention_mask"])]
 
 
+def shared_prefix_scores(
+    scalar_model: nn.Module,
+    ids: torch.Tensor,
+    prefix_lengths: torch.Tensor,
+    pad_token_id: int,
+    hidden: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Scores (recipe R3, after the R5 bias) of sequences in groups that share a prefix, each prefix run once.
+
+    A reward model's chosen and rejected sequences share their query (on the TL;DR comparisons 157 of their ~192
+    tokens on average): the query runs through ``scalar_model`` once, left-padded, and each continuation runs on its
+    key/value cache, so a batch costs ``B * P + G * B * T`` token positions instead of ``G * B * L``. Gradients flow
+    through both parts; the scores equal :func:`sequence_scores` of the same rows (up to rounding), with the same
+    positions (real tokens counted from 0).
+
+    Args:
+        scalar_model: a :class:`~lit_rlhf.models.scalar.ScalarModel`, or a trunk's top view of one (with ``hidden``).
+        ids: ``(G * B, L)`` right-padded rows ``[prefix | continuation | pad]``; rows ``i, B + i, ..., (G-1) * B + i``
+            share their first ``prefix_lengths[i]`` tokens (for a reward model: ``cat([chosen, rejected])``, G = 2).
+        prefix_lengths: ``(B,)`` real prefix tokens of each group.
+        hidden: trunk hidden states ``(G * B, L, H)`` when ``scalar_model`` is a trunk's top view.
+
+    Returns:
+        ``(G * B,)`` float32 scores, in the order of ``ids``.
+
+    Not for sharded models (FSDP2, ZeRO-3): it calls the backbone directly, bypassing the gathering of the parameters
+    the model's own forward does.
+
+    Raises:
+        ValueError: when ``ids`` has not a multiple of ``B`` rows, or a row has no token after its prefix.
+    """
+    rows, length = ids.shape
+    num_prefixes = prefix_lengths.numel()
+    if num_prefixes == 0 or rows % num_prefixes:
+        raise ValueError(f"{rows} rows cannot share {num_prefixes} prefixes group-wise")
+    groups, device = rows // num_prefixes, ids.device
+    prefix = prefix_lengths.to(device).repeat(groups)  # (GB,)
+    rest = (ids != pad_token_id).sum(1) - prefix  # (GB,) continuation tokens
+    if bool((rest < 1).any()):
+        raise ValueError("shared_prefix_scores needs at least one token after each row's prefix")
+    # interleave the groups (row i's continuations next to each other), the order a repeated cache has
+    order = torch.arange(rows, device=device).view(groups, num_prefixes).t().reshape(-1)  # (GB,)
+    prefix_width, rest_width = int(prefix_lengths.max()), int(rest.max())
+    # prefixes left-padded to P: column j of group i reads token j - (P - p_i); continuations right-padded to T
+    prefix_index = torch.arange(prefix_width, device=device) - (prefix_width - prefix[:num_prefixes, None])  # (B, P)
+    prefix_mask = prefix_index >= 0
+    prefix_index = prefix_index.clamp(min=0)
+    rest_index = prefix[order, None] + torch.arange(rest_width, device=device)  # (GB, T), also the positions
+    rest_mask = rest_index < (prefix + rest)[order, None]
+    rest_index = rest_index.clamp(max=length - 1)
+
+    def inputs(source_rows: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        if hidden is None:
+            return {"input_ids": ids[source_rows].gather(1, index).masked_fill(~mask, 0)}
+        gathered = hidden[source_rows].gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
+        return {"inputs_embeds": gathered}
+
+    backbone = getattr(scalar_model, scalar_model.base_model_prefix)
+    first = backbone(
+        **inputs(torch.arange(num_prefixes, device=device), prefix_index, prefix_mask),
+        attention_mask=prefix_mask.long(), position_ids=prefix_index, use_cache=True,
+    )
+    cache = first.cache
+    cache.batch_repeat_interleave(groups)
+    if cache.get_seq_length() == 0:
+        # a trunk's top view: its blocks keep their layer indices, so cache layer 0, which transformers sizes the
+        # attention mask from, is empty (no block of the view uses it); make it the view's first filled layer
+        cache.layers[0] = next(layer for layer in cache.layers if layer.get_seq_length() > 0)
+    attention = torch.cat([prefix_mask.repeat_interleave(groups, dim=0), rest_mask], dim=1).long()  # (GB, P + T)
+    last = backbone(
+        **inputs(order, rest_index, rest_mask), attention_mask=attention, position_ids=rest_index, cache=cache, use_cache=True,
+    ).last_hidden_state  # (GB, T, H)
+    picked = last[torch.arange(rows, device=device), rest[order] - 1]  # (GB, H) at each row's last real token
+    scores = (scalar_model.scalar_head(picked).squeeze(-1) - scalar_model.config.bias).float()
+    return torch.empty_like(scores).index_copy_(0, order, scores)
+
+
 @torch.no_grad()
 def generate(
     model: Any, queries: torch.Tensor, pad_token_id: int, eos_token_id: int, max_new_tokens: int, temperature: float

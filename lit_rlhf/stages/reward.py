@@ -12,9 +12,10 @@ from torchmetrics import MeanMetric
 from lit_rlhf.algorithms import pairwise_reward_loss
 from lit_rlhf.arguments import check_arguments
 from lit_rlhf.evaluation.metrics import GroupedAccuracy, preference_accuracy
-from lit_rlhf.models.forward import sequence_scores
+from lit_rlhf.models.forward import sequence_scores, shared_prefix_scores
 from lit_rlhf.models.loading import load_tokenizer
 from lit_rlhf.models.lora import LoRA, add_lora
+from lit_rlhf.models.parallel import is_sharded
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.models.trunk import FrozenTrunk
 from lit_rlhf.stages.common import StageModule, freeze_bottom_layers, lora_hparam, lora_settings
@@ -96,20 +97,27 @@ class RewardModule(StageModule):
     def share_frozen_trunks(self) -> None:
         self.trunk = FrozenTrunk.shared_by(self.reward_model, cache=self.hparams.trunk_cache)
 
-    def scores(self, ids: torch.Tensor, prefix_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Scores ``(B,)`` of padded sequences ``(B, L)``, the frozen lower blocks through :attr:`trunk`
-        (``prefix_lengths`` ``(B,)``: real tokens each row shares with others, see :class:`FrozenTrunk`)."""
+    def scores(self, ids: torch.Tensor) -> torch.Tensor:
+        """Scores ``(B,)`` of padded sequences ``(B, L)``, the frozen lower blocks through :attr:`trunk`."""
         pad = self.tokenizer.pad_token_id
-        hidden = self.trunk(ids, pad, prefix_lengths=prefix_lengths)
-        return sequence_scores(self.trunk.top(self.reward_model), ids, pad, hidden)
+        return sequence_scores(self.trunk.top(self.reward_model), ids, pad, self.trunk(ids, pad))
 
     def pair_scores(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores ``(B,)`` of the chosen and rejected sequences, from one forward over both."""
+        """Scores ``(B,)`` of the chosen and rejected sequences.
+
+        With the batch's ``query_ids`` each pair's query runs once, through the trunk and through the trained blocks
+        (:func:`~lit_rlhf.models.forward.shared_prefix_scores`); without them, or for a sharded model (FSDP2, ZeRO-3:
+        its parameters are gathered by its own forward, which that function bypasses), both sequences run whole.
+        """
         chosen, rejected, pad = batch["chosen_ids"], batch["rejected_ids"], self.tokenizer.pad_token_id
         width = max(chosen.size(1), rejected.size(1))
         ids = torch.cat([F.pad(chosen, (0, width - chosen.size(1)), value=pad), F.pad(rejected, (0, width - rejected.size(1)), value=pad)])
-        queries = (batch["query_ids"] != pad).sum(1).repeat(2) if "query_ids" in batch else None  # (2B,)
-        scores = self.scores(ids, prefix_lengths=queries)  # (2B,), each pair's query through the trunk once
+        if "query_ids" in batch and not is_sharded(self.reward_model):
+            queries = (batch["query_ids"] != pad).sum(1)  # (B,)
+            hidden = self.trunk(ids, pad, prefix_lengths=queries.repeat(2))  # (2B, L, H) or None
+            scores = shared_prefix_scores(self.trunk.top(self.reward_model), ids, queries, pad, hidden)  # (2B,)
+        else:
+            scores = self.scores(ids)
         return scores[: chosen.size(0)], scores[chosen.size(0) :]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
