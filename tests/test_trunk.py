@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_rlhf.models.forward import model_inputs, response_logprobs, sequence_scores
+from lit_rlhf.models.forward import model_inputs, response_logprobs, sequence_scores, shared_prefix_scores
 from lit_rlhf.models.loading import load_causal_lm
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.models.trunk import FrozenTrunk, clear_trunk_caches
@@ -167,8 +167,6 @@ def test_under_autocast_the_trunk_runs_on_pre_cast_linear_weights_with_bit_ident
 
 @pytest.mark.parametrize("trunk_blocks", [0, 1])
 def test_shared_prefix_scores_equal_whole_rows_with_their_gradients(tiny_model_dir, trunk_blocks):
-    from lit_rlhf.models.forward import shared_prefix_scores
-
     torch.manual_seed(2)
     reward_model = ScalarModel.from_backbone(str(tiny_model_dir))
     if trunk_blocks:

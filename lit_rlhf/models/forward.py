@@ -122,7 +122,8 @@ def shared_prefix_scores(
     tokens on average): the query runs through ``scalar_model`` once, left-padded, and each continuation runs on its
     key/value cache, so a batch costs ``B * P + G * B * T`` token positions instead of ``G * B * L``. Gradients flow
     through both parts; the scores equal :func:`sequence_scores` of the same rows (up to rounding), with the same
-    positions (real tokens counted from 0).
+    positions (real tokens counted from 0). Not for sharded models (FSDP2, ZeRO-3): it calls the backbone directly,
+    bypassing the gathering of the parameters the model's own forward does.
 
     Args:
         scalar_model: a :class:`~lit_rlhf.models.scalar.ScalarModel`, or a trunk's top view of one (with ``hidden``).
@@ -133,9 +134,6 @@ def shared_prefix_scores(
 
     Returns:
         ``(G * B,)`` float32 scores, in the order of ``ids``.
-
-    Not for sharded models (FSDP2, ZeRO-3): it calls the backbone directly, bypassing the gathering of the parameters
-    the model's own forward does.
 
     Raises:
         ValueError: when ``ids`` has not a multiple of ``B`` rows, or a row has no token after its prefix.
@@ -182,7 +180,7 @@ def shared_prefix_scores(
         **inputs(order, rest_index, rest_mask), attention_mask=attention, position_ids=rest_index, cache=cache, use_cache=True,
     ).last_hidden_state  # (GB, T, H)
     picked = last[torch.arange(rows, device=device), rest[order] - 1]  # (GB, H) at each row's last real token
-    scores = (scalar_model.scalar_head(picked).squeeze(-1) - scalar_model.config.bias).float()
+    scores = scalar_model.head(picked).float()
     return torch.empty_like(scores).index_copy_(0, order, scores)
 
 

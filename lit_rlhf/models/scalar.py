@@ -92,7 +92,10 @@ class ScalarModel(PreTrainedModel):
         self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any
     ) -> torch.Tensor:
         """Scores ``(B, L)``: ``head(last hidden state) - bias`` at every position."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        return self.head(self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores ``(...)`` of the backbone's last hidden states ``(..., H)``: the scalar head minus the R5 bias."""
         return self.scalar_head(hidden).squeeze(-1) - self.config.bias
 
 
