@@ -26,3 +26,32 @@ def test_generate_pads_when_every_row_stopped_at_eos():
     assert responses.tolist() == [[5, 2, 0, PAD, PAD, PAD], [2, 0, 0, PAD, PAD, PAD]]
     with pytest.raises(RuntimeError, match="lacking EOS"):
         generate(_EarlyStop(torch.tensor([[5, 2, 0], [4, 4, 4]])), queries, PAD, eos_token_id=2, max_new_tokens=6, temperature=0.7)
+
+
+def test_sampling_under_autocast_uses_cast_weights_and_gives_the_same_tokens(tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from lit_rlhf.models import forward
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # LM head tied to the input embeddings
+    model.model.layers[0].requires_grad_(False)  # a frozen block and a trainable one, as with trainable_layers
+    copy = forward.with_cast_linears(model, torch.bfloat16)
+    assert copy.lm_head.weight.dtype == copy.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert copy.model.embed_tokens.weight is model.model.embed_tokens.weight  # shared, still float32
+    assert copy.model.norm.weight is model.model.norm.weight
+    assert model.lm_head.weight.dtype == torch.float32 and model.lm_head.weight is model.model.embed_tokens.weight
+
+    queries = torch.tensor([[PAD, PAD, 11, 12, 13], [21, 22, 23, 24, 25]])
+
+    def sample() -> torch.Tensor:
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return forward.generate(model, queries, PAD, eos_token_id=2, max_new_tokens=8, temperature=0.7)
+
+    calls = []
+    original = forward.with_cast_linears
+    monkeypatch.setattr(forward, "with_cast_linears", lambda module, dtype: calls.append(dtype) or original(module, dtype))
+    cast = sample()
+    assert calls == [torch.bfloat16]
+    monkeypatch.setattr(forward, "with_cast_linears", lambda module, dtype: module)  # autocast casts at every step
+    assert torch.equal(cast, sample())

@@ -400,3 +400,32 @@ def test_cli_missing_model_path_names_it(tmp_path):
     config = stage_config("sft", tmp_path, model={"model": str(missing)})
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
         main(["sft", "validate", "--config", str(config)])
+
+
+def test_identical_models_and_validation_scores_with_the_query_shared(tiny_model_dir, tiny_reward_dir, tokenizer):
+    from lit_rlhf.models.forward import sequence_scores
+    from lit_rlhf.models.lora import LoRA, add_lora
+    from lit_rlhf.models.scalar import ScalarModel
+    from lit_rlhf.stages.policy_eval import identical_models, sample_and_score
+
+    policy, reference = (AutoModelForCausalLM.from_pretrained(tiny_model_dir) for _ in range(2))
+    assert identical_models(policy, reference) and identical_models(policy, policy)
+    with torch.no_grad():
+        policy.model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3
+    assert not identical_models(policy, reference)
+    assert not identical_models(add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoRA(r=2)), reference)
+
+    reward_model = ScalarModel.load(str(tiny_reward_dir))
+    pad = tokenizer.pad_token_id
+    queries = torch.tensor([[pad, pad, 11, 12, 13], [21, 22, 23, 24, 25], [pad, pad, pad, pad, 31]])
+    references = ["a short one", "another reference summary", "x"]
+    torch.manual_seed(5)
+    sample = sample_and_score(reference, reward_model, queries, tokenizer, 6, 0.7, references=references)
+    torch.manual_seed(5)
+    alone = sample_and_score(reference, reward_model, queries, tokenizer, 6, 0.7)
+    assert torch.equal(sample["responses"], alone["responses"])
+    torch.testing.assert_close(sample["scores"], alone["scores"], rtol=0, atol=1e-5)  # each query once vs whole rows
+    reference_ids = [[*tokenizer.encode(" " + text, add_special_tokens=False), tokenizer.eos_token_id] for text in references]
+    for row, ids in enumerate(reference_ids):
+        whole = sequence_scores(reward_model, torch.cat([queries[row], torch.tensor(ids)])[None], pad)
+        torch.testing.assert_close(sample["reference_scores"][row : row + 1], whole, rtol=0, atol=1e-5)

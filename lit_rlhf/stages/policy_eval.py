@@ -12,13 +12,17 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics import CatMetric, MeanMetric
 
 from lit_rlhf.algorithms import penalize_missing_eos, truncate_after_eos
-from lit_rlhf.data.formatting import completion_ids, pad
+from lit_rlhf.data.formatting import completion_ids
+from lit_rlhf.data.formatting import pad as pad_row
 from lit_rlhf.evaluation.stats import mean_with_interval, pairwise_outcomes
-from lit_rlhf.models.forward import generate, response_logprobs, sequence_scores
+from lit_rlhf.models.forward import generate, response_logprobs, sequence_scores, shared_prefix_scores
+from lit_rlhf.models.parallel import is_sharded
+from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.models.trunk import FrozenTrunk
 from lit_rlhf.stages.common import decode_query, decode_responses
 
@@ -37,6 +41,7 @@ def sample_and_score(
     truncate: bool = True,
     non_eos_penalty: bool = True,
     penalty_reward_value: float = -1.0,
+    references: Optional[list[str]] = None,
 ) -> dict[str, torch.Tensor]:
     """Sample one response per query and score it with the reward model (recipe P2, P3, R3).
 
@@ -45,10 +50,14 @@ def sample_and_score(
         queries: ``(B, Q)`` left-padded query ids.
         truncate: replace tokens after the first EOS by PAD before scoring (P3).
         non_eos_penalty: a response without EOS scores ``penalty_reward_value`` (P3).
+        references: the B reference summaries, scored after the same queries (``reference_scores``), tokenised as SFT
+            completions (" " + summary + EOS, recipe D5); each query then runs once for both
+            (:func:`shared_query_scores`).
 
     Returns:
         ``responses`` ``(B, T)`` (raw samples), ``postprocessed`` ``(B, T)``, ``query_responses`` ``(B, Q+T)``,
-        ``scores`` ``(B,)``, ``contains_eos`` ``(B,)`` bool and ``lengths`` ``(B,)`` (real response tokens).
+        ``scores`` ``(B,)``, ``contains_eos`` ``(B,)`` bool and ``lengths`` ``(B,)`` (real response tokens); with
+        ``references`` also ``reference_scores`` ``(B,)`` (float32, no EOS penalty: every reference ends with EOS).
     """
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     responses = generate(policy, queries, pad, eos, response_length, temperature)
@@ -58,10 +67,50 @@ def sample_and_score(
         "responses": responses, "postprocessed": postprocessed, "query_responses": query_responses,
         "contains_eos": (postprocessed == eos).any(dim=1), "lengths": (postprocessed != pad).sum(1),
     }
-    if reward_model is not None:
+    if reward_model is None:
+        return sample
+    if references is None:
         scores = sequence_scores(reward_model, query_responses, pad)
-        sample["scores"] = penalize_missing_eos(scores, postprocessed, eos, penalty_reward_value) if non_eos_penalty else scores
+    else:
+        rows = [completion_ids(tokenizer, text, leading_space=True) for text in references]
+        width = max(len(row) for row in rows)
+        reference_ids = torch.tensor([pad_row(row, width, pad, "right") for row in rows], device=queries.device)
+        scores, sample["reference_scores"] = shared_query_scores(reward_model, queries, [postprocessed, reference_ids], pad)
+    sample["scores"] = penalize_missing_eos(scores, postprocessed, eos, penalty_reward_value) if non_eos_penalty else scores
     return sample
+
+
+@torch.no_grad()
+def shared_query_scores(
+    reward_model: Any, queries: torch.Tensor, responses: list[torch.Tensor], pad_token_id: int
+) -> list[torch.Tensor]:
+    """Reward-model scores (recipe R3) of several responses to the same queries, each query run once.
+
+    The rows ``[query | response]`` of all groups go through
+    :func:`~lit_rlhf.models.forward.shared_prefix_scores`: the query (on the TL;DR validation prompts ~190 of
+    ~225 tokens) once, each response on its key/value cache. The scores equal :func:`sequence_scores` of
+    ``cat([queries, response])`` up to rounding. A sharded reward model (FSDP2, ZeRO-3), one that is not a
+    :class:`~lit_rlhf.models.scalar.ScalarModel` (a LoRA reward model with its adapters disabled) or a response with
+    no token runs every sequence whole instead.
+
+    Args:
+        queries: ``(B, Q)`` left-padded query ids.
+        responses: G tensors ``(B, T_g)`` of right-padded response ids.
+
+    Returns:
+        G tensors ``(B,)``, float32, in the order of ``responses``.
+    """
+    lengths = [(ids != pad_token_id).sum(1) for ids in responses]
+    if not isinstance(reward_model, ScalarModel) or is_sharded(reward_model) or any(bool((n < 1).any()) for n in lengths):
+        return [sequence_scores(reward_model, torch.cat([queries, ids], dim=1), pad_token_id).float() for ids in responses]
+    query_lengths = (queries != pad_token_id).sum(1)  # (B,)
+    rows = [
+        torch.cat([queries[row, queries.size(1) - int(query_lengths[row]) :], ids[row, : int(n[row])]])
+        for ids, n in zip(responses, lengths) for row in range(queries.size(0))
+    ]
+    width = max(row.numel() for row in rows)
+    ids = torch.stack([F.pad(row, (0, width - row.numel()), value=pad_token_id) for row in rows])  # (G * B, L)
+    return list(shared_prefix_scores(reward_model, ids, query_lengths, pad_token_id).chunk(len(responses)))
 
 
 @torch.no_grad()
@@ -86,19 +135,20 @@ def sample_kl(
     return ((logprobs - ref_logprobs) * (sample["postprocessed"] != pad_token_id)).sum(1)
 
 
-@torch.no_grad()
-def reference_scores(reward_model: nn.Module, tokenizer: Any, queries: torch.Tensor, references: list[str]) -> torch.Tensor:
-    """Reward-model scores ``(B,)`` (float32) of the reference summaries after their queries.
-
-    Args:
-        queries: ``(B, Q)`` left-padded query ids.
-        references: the B reference summaries, tokenised as SFT completions (" " + summary + EOS, recipe D5).
-    """
-    pad_id = tokenizer.pad_token_id
-    rows = [completion_ids(tokenizer, text, leading_space=True) for text in references]
-    width = max(len(row) for row in rows)
-    ids = torch.tensor([pad(row, width, pad_id, "right") for row in rows], device=queries.device)
-    return sequence_scores(reward_model, torch.cat([queries, ids], dim=1), pad_id).float()
+def identical_models(first: nn.Module, second: nn.Module) -> bool:
+    """Whether two unsharded models of the same class hold equal parameters (same names, shapes and values), so that
+    their outputs are equal: a policy validated against itself (``ppo validate`` of the SFT policy) has a KL of
+    exactly 0, with no forward to run. Sharded models (FSDP2, ZeRO-3) and wrappers of another class (a LoRA
+    reference with its adapters disabled) are never called identical."""
+    if first is second:
+        return True
+    if type(first) is not type(second) or is_sharded(first) or is_sharded(second):
+        return False
+    params, others = dict(first.named_parameters()), dict(second.named_parameters())
+    return params.keys() == others.keys() and all(
+        params[name] is others[name] or (params[name].shape == others[name].shape and torch.equal(params[name], others[name]))
+        for name in params
+    )
 
 
 class PolicyValidation:
@@ -118,6 +168,7 @@ class PolicyValidation:
         self.val_scores, self.val_kl, self.val_length, self.val_eos = MeanMetric(), MeanMetric(), MeanMetric(), MeanMetric()
         self.val_outcomes = CatMetric()  # per prompt: 1 the response beats the reference summary, 0.5 tie, 0 loss
         self.validation_samples: list[dict[str, Any]] = []
+        self.reference_is_policy = False  # set per validation run (identical_models)
 
     def eval_reference(self) -> nn.Module:
         """The policy KL is measured against (the SFT / reference policy)."""
@@ -125,6 +176,7 @@ class PolicyValidation:
 
     def on_validation_epoch_start(self) -> None:
         self.validation_samples = []
+        self.reference_is_policy = identical_models(self.policy, self.eval_reference())
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -135,15 +187,17 @@ class PolicyValidation:
             torch.manual_seed(hp.seed + batch_idx + self.global_rank * RANK_SEED_STRIDE)
             sample = sample_and_score(
                 self.policy, self.reward_model, queries, tok, hp.response_length, temperature,
-                hp.truncate_after_eos, hp.non_eos_penalty, hp.penalty_reward_value,
+                hp.truncate_after_eos, hp.non_eos_penalty, hp.penalty_reward_value, batch["reference"],
             )
         self.val_scores.update(sample["scores"])
-        self.val_kl.update(sample_kl(self.policy, self.eval_reference(), sample, queries.size(1), tok.pad_token_id, temperature,
-                                     self.policy_trunk))
+        if self.reference_is_policy:  # the SFT policy against itself: KL 0 without running both models
+            self.val_kl.update(torch.zeros(queries.size(0), device=queries.device))
+        else:
+            self.val_kl.update(sample_kl(self.policy, self.eval_reference(), sample, queries.size(1), tok.pad_token_id,
+                                         temperature, self.policy_trunk))
         self.val_length.update(sample["lengths"].float())
         self.val_eos.update(sample["contains_eos"].float())
-        reference = reference_scores(self.reward_model, tok, queries, batch["reference"])
-        self.val_outcomes.update(pairwise_outcomes(sample["scores"].float(), reference))
+        self.val_outcomes.update(pairwise_outcomes(sample["scores"].float(), sample["reference_scores"]))
         texts = decode_responses(tok, sample["responses"])
         for row in range(len(texts)):
             if len(self.validation_samples) < hp.num_samples:
