@@ -776,3 +776,27 @@ def test_post_whose_title_alone_does_not_fit_is_dropped_and_counted(tmp_path, to
         "sft/train: dropped 2 of 4 rows: 1 whose response exceeds the fixed length, "
         "1 whose query does not fit its budget even with an empty post"
     ) in caplog.text
+
+
+def test_large_split_formatted_by_several_processes_same_rows_and_errors(tmp_path, tokenizer, default_model_dir, monkeypatch):
+    from lit_rlhf.data import datamodules
+
+    rows = [{**sft_row(i), "post": f"post number {i} " * (i % 7 + 1)} for i in range(2 * datamodules.MIN_ROWS_PER_PROCESS)]
+    for directory in ("a", "b"):  # two sources, so that the second build does not find the first one's cache
+        (tmp_path / directory).mkdir()
+        write_jsonl(tmp_path / directory / "train.jsonl", rows)
+    monkeypatch.setattr(datamodules.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+
+    def built(path: Path, min_rows: int) -> datasets.Dataset:
+        monkeypatch.setattr(datamodules, "MIN_ROWS_PER_PROCESS", min_rows)
+        dm = SFTDataModule(path=str(path), tokenizer=str(default_model_dir))
+        dm.tokenizer = tokenizer
+        return dm.build("train", None)
+
+    several, one = built(tmp_path / "a", 256), built(tmp_path / "b", 10**6)  # 2 processes; 1 process
+    assert len(several.cache_files) == 2 and len(one.cache_files) == 1 and several[:] == one[:]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    write_jsonl(bad / "train.jsonl", [*rows[:400], sft_row(400, summary=None), *rows[401:]])
+    with pytest.raises(ValueError, match="row id=s400.*summary"):
+        built(bad, 256)

@@ -6,6 +6,7 @@ Token ids are built without special tokens (no BOS), as the N+ code does with Py
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Optional
 
 import torch
@@ -61,10 +62,18 @@ def format_query_ids(tokenizer: Any, info: Mapping[str, Any], query_length: int)
         if info.get(key) is None:
             raise KeyError(f"missing field '{key}'")
         fields[key] = str(info[key])
+    return list(_fitted_query(tokenizer, template, body_key, tuple(fields.items()), query_length))
+
+
+@functools.lru_cache(maxsize=4096)
+def _fitted_query(tokenizer: Any, template: str, body_key: str, items: tuple[tuple[str, str], ...], query_length: int) -> tuple[int, ...]:
+    """The truncation loop of :func:`format_query_ids`, memoised: a post's comparisons share its query (the 1,225
+    training comparisons have 685 posts), and the loop re-tokenises the whole query once per dropped character."""
+    fields = dict(items)
     while True:
         ids = _encode(tokenizer, template.format(**fields))
         if len(ids) <= query_length:
-            return ids
+            return tuple(ids)
         body = fields[body_key]
         if not body:
             raise QueryTooLong(f"query does not fit {query_length} tokens even with an empty '{body_key}'")
