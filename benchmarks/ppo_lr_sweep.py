@@ -45,8 +45,18 @@ class PerPromptScores(Callback):
 
     def on_validation_epoch_start(self, trainer: L.Trainer, module: Any) -> None:
         self.scores = []
-        self._update = module.val_scores.update
-        module.val_scores.update = lambda values: (self.scores.extend(values.float().tolist()), self._update(values))[1]
+        update = module.val_scores.update
+
+        def record_and_update(values: torch.Tensor) -> None:
+            self.scores.extend(values.float().tolist())
+            update(values)
+
+        module.val_scores.update = record_and_update
+
+
+def prompt_data(config: dict[str, Any], tokenizer: str) -> PromptDataModule:
+    """The quickstart's prompt data (its ``val_samples`` left out: the scored prompts come from the training file)."""
+    return PromptDataModule(tokenizer=tokenizer, **{key: value for key, value in config["data"].items() if key != "val_samples"})
 
 
 def run(config: dict[str, Any], args: argparse.Namespace, lr: float | None, splits: dict[str, Any]) -> dict[str, Any]:
@@ -54,8 +64,7 @@ def run(config: dict[str, Any], args: argparse.Namespace, lr: float | None, spli
     model_args = {**config["model"], "policy": str(args.run_dir / "sft" / "model"), "reward_model": str(args.run_dir / "rm" / "model")}
     if lr is not None:
         model_args["lr"] = lr
-    data_args = {key: value for key, value in config["data"].items() if key != "val_samples"}
-    datamodule = PromptDataModule(tokenizer=model_args["policy"], **data_args)
+    datamodule = prompt_data(config, model_args["policy"])
     datamodule.splits = dict(splits)
     L.seed_everything(config.get("seed_everything", 1), verbose=False)
     module = PPOModule(**model_args)
@@ -84,9 +93,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = yaml.safe_load(args.config.read_text())
-    data_args = {key: value for key, value in config["data"].items() if key != "val_samples"}
-    datamodule = PromptDataModule(tokenizer=str(args.run_dir / "sft" / "model"), **data_args)
-    train = datamodule.build("train", None)
+    train = prompt_data(config, str(args.run_dir / "sft" / "model")).build("train", None)
     cut = len(train) - args.held_out
     splits = {"train": train.select(range(cut)), "validation": train.select(range(cut, len(train)))}
     print(f"{len(train)} training prompts: {cut} for rollouts, the last {args.held_out} scored", flush=True)
