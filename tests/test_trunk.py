@@ -105,28 +105,55 @@ def test_cached_trunk_gives_the_batched_values_and_runs_each_sequence_once(tiny_
     assert FrozenTrunk.shared_by(reward_model, cache=True).cache is not cached.cache
 
 
-def test_cached_trunk_runs_a_shared_prefix_once_with_the_full_row_values(tiny_model_dir):
+def test_cached_trunk_runs_a_pair_as_one_group_with_the_full_row_values(tiny_model_dir):
     clear_trunk_caches()
     reward_model = freeze_bottom_layers(ScalarModel.from_backbone(str(tiny_model_dir)), trainable_layers=1)
     trunk = FrozenTrunk.shared_by(reward_model, cache=True)
+    assert trunk.block_masks  # Llama's attention follows a 4-D block-causal mask
     torch.manual_seed(1)
     query, chosen, rejected = torch.randint(3, 1000, (6,)), torch.randint(3, 1000, (3,)), torch.randint(3, 1000, (2,))
     ids = torch.full((2, 9), PAD)  # a pair: query + chosen, query + rejected, right-padded
     ids[0] = torch.cat([query, chosen])
     ids[1, :8] = torch.cat([query, rejected])
     calls = []
-    handle = trunk.bottom.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
-    shared = trunk(ids, PAD, prefix_lengths=torch.tensor([6, 6]))
+    handle = trunk.bottom.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs), with_kwargs=True)
+    shared = trunk(ids, PAD, prefix_lengths=torch.tensor([6]))
     handle.remove()
-    assert calls == [(1, 6), (1, 3), (1, 2)]  # the query once, then each summary on its key/value cache
+    # one forward of query + chosen + rejected (11 tokens); the rejected tokens sit at positions 6, 7 and see the query
+    assert len(calls) == 1 and calls[0]["input_ids"].shape == (1, 11)
+    assert calls[0]["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 7, 8, 6, 7]]
+    allowed = calls[0]["attention_mask"][0, 0]
+    assert allowed[9].tolist() == [True] * 6 + [False] * 3 + [True, False]  # query, not chosen, itself
+    assert allowed[8].tolist() == [True] * 9 + [False] * 2  # chosen: causal, never the rejected tokens
     mask = ids != PAD
-    whole = [trunk.row_hidden(ids[i][mask[i]]) for i in range(2)]  # each row in one forward
+    whole = [trunk.group_hidden(ids[i][mask[i]]) for i in range(2)]  # each row in its own forward
     torch.testing.assert_close(shared[0], whole[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(shared[1, :8], whole[1], rtol=0, atol=1e-5)
-    # the same rows without the split are other cache entries; with it, hits
+    assert (shared[1, 8] == 0).all()
+    # the same rows without the split are two other entries; with it, a hit
     trunk(ids, PAD)
-    trunk(ids, PAD, prefix_lengths=torch.tensor([6, 6]))
-    assert (trunk.cache.misses, trunk.cache.hits) == (4, 2)
+    trunk(ids, PAD, prefix_lengths=torch.tensor([6]))
+    assert (trunk.cache.misses, trunk.cache.hits, len(trunk.cache)) == (3, 1, 3)
+    with pytest.raises(ValueError, match="cannot share"):
+        trunk(ids, PAD, prefix_lengths=torch.tensor([6, 6, 6]))
+    with pytest.raises(ValueError, match="do not share"):
+        trunk(torch.stack([ids[0], ids[0].roll(1)]), PAD, prefix_lengths=torch.tensor([6]))
+
+
+def test_cached_trunk_without_block_masks_runs_each_continuation_after_the_prefix(tiny_model_dir):
+    clear_trunk_caches()
+    reward_model = freeze_bottom_layers(ScalarModel.from_backbone(str(tiny_model_dir)), trainable_layers=1)
+    trunk = FrozenTrunk.shared_by(reward_model, cache=True)
+    prefix, first, second = torch.arange(3, 9), torch.arange(20, 23), torch.arange(30, 32)
+    grouped = trunk.group_hidden(prefix, [first, second])
+    trunk.block_masks = False  # what an architecture that ignores 4-D masks gets
+    calls = []
+    handle = trunk.bottom.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    fallback = trunk.group_hidden(prefix, [first, second])
+    handle.remove()
+    assert calls == [(1, 9), (1, 8)]
+    torch.testing.assert_close(fallback, grouped, rtol=0, atol=1e-5)
+    assert fallback.shape == (11, 32)
 
 
 def test_row_cache_budget_and_keys():
@@ -183,7 +210,7 @@ def test_shared_prefix_scores_equal_whole_rows_with_their_gradients(tiny_model_d
         ids[3 + i, : q + r] = torch.cat([query, torch.randint(3, 1000, (r,))])
     trunk = FrozenTrunk.shared_by(reward_model, cache=True)
     assert bool(trunk) == bool(trunk_blocks)
-    hidden = trunk(ids, PAD, prefix_lengths=torch.tensor(queries).repeat(2))
+    hidden = trunk(ids, PAD, prefix_lengths=torch.tensor(queries))
     top = trunk.top(reward_model)
     whole = sequence_scores(reward_model, ids, PAD)  # (6,) each row in full
     shared = shared_prefix_scores(top, ids, torch.tensor(queries), PAD, hidden)

@@ -8,10 +8,11 @@ feeds them to *top views* of each model (the same parameters, blocks from the fi
 is exact, not an approximation: a built-in check compares a split forward with a full one.
 
 When the same sequences come back (the reward model's and DPO's epochs over a fixed set of comparisons), a
-:class:`RowCache` keeps each sequence's trunk output from its first forward: ``FrozenTrunk.shared_by(...,
-cache=True)`` computes every row alone, without padding, and reuses it for as long as the trunk's parameters
-are the same (the cache is keyed by a fingerprint of them and by the row's tokens). DPO keeps its reference
-logprobs in a :class:`RowCache` too.
+:class:`RowCache` keeps each comparison's trunk output from its first forward: ``FrozenTrunk.shared_by(...,
+cache=True)`` runs every comparison alone, without padding, as one sequence (its query, then its two summaries
+side by side under a block-causal mask), and reuses it for as long as the trunk's parameters are the same (the
+cache is keyed by a fingerprint of them and by the comparison's tokens). DPO keeps its reference logprobs in a
+:class:`RowCache` too.
 
 This is a speed-up for partially frozen training only (the CPU quickstart); with every block trainable it
 stays disabled and models run whole.
@@ -82,31 +83,41 @@ def _output(result: Any) -> torch.Tensor:
 CACHE_BYTES = 4 * 2**30
 
 
+def _autocast_context(device: str) -> bytes:
+    """Values computed under autocast differ from full-precision ones: the autocast dtype on ``device`` (or none)
+    begins every cache key."""
+    return str(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None).encode() + b"|"
+
+
+def _segments_key(segments: Sequence[torch.Tensor]) -> bytes:
+    """The bytes of 1-D token tensors, each after its length (the same tokens split elsewhere give another key)."""
+    return b"".join(b"%d:" % segment.numel() + segment.cpu().numpy().tobytes() for segment in segments)
+
+
 def row_keys(ids: torch.Tensor, pad_token_id: int, split: Optional[int] = None) -> list[bytes]:
     """One key per row of padded ``ids`` ``(B, L)``: the bytes of its real (non-pad) tokens.
 
     The key does not depend on the padding side or width, so the same sequence in another batch finds the same
     entry. With ``split``, the real tokens before and after column ``split`` are kept apart (a left-padded query
-    and its right-padded response: the same tokens split elsewhere are another row). Values computed under
-    autocast differ from full-precision ones, so the autocast dtype on ``ids``' device (or none) begins every key.
+    and its right-padded response: the same tokens split elsewhere are another row). The autocast dtype on
+    ``ids``' device (or none) begins every key.
     """
-    device = ids.device.type
-    context = str(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None).encode() + b"|"
+    context = _autocast_context(ids.device.type)
 
-    def real(tokens: torch.Tensor) -> bytes:
-        return tokens[tokens != pad_token_id].numpy().tobytes()
+    def real(tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[tokens != pad_token_id]
 
     rows = ids.cpu()
     if split is None:
-        return [context + real(row) for row in rows]
-    return [context + real(row[:split]) + b"|" + real(row[split:]) for row in rows]
+        return [context + _segments_key([real(row)]) for row in rows]
+    return [context + _segments_key([real(row[:split]), real(row[split:])]) for row in rows]
 
 
 class RowCache:
-    """Tensors computed once per sequence and looked up by :func:`row_keys`, within a memory budget.
+    """Tensors computed once per key (a sequence, a comparison), within a memory budget.
 
-    Values are whatever the caller computes for one row (the trunk's hidden states ``(n, H)``, a reference
-    logprob ``()``); they stay on the device they were computed on. Once ``max_bytes`` are stored, further rows
+    Values are whatever the caller computes for one key (the trunk's hidden states of a comparison ``(n, H)``, a
+    reference logprob ``()``); they stay on the device they were computed on. Once ``max_bytes`` are stored, further rows
     are still computed but no longer kept (no eviction: with a shuffled epoch every row is as likely to come back).
     ``hits`` and ``misses`` count lookups.
     """
@@ -179,6 +190,8 @@ class FrozenTrunk:
         self.bottom = bottom
         self.num_blocks = num_blocks
         self.cache = cache
+        #: whether a group's continuations share one forward (block-causal mask); else each runs with the prefix
+        self.block_masks = True
         self._tops: dict[int, nn.Module] = {}
         self._cast_bottoms: dict[torch.dtype, nn.Module] = {}
 
@@ -189,8 +202,10 @@ class FrozenTrunk:
     def shared_by(cls, *models: nn.Module, cache: bool = False, cache_bytes: int = CACHE_BYTES) -> "FrozenTrunk":
         """The largest frozen trunk all ``models`` share (identical parameter values), or a disabled one.
 
-        With ``cache``, hidden states are computed row by row and kept in the process's :class:`RowCache` for
-        this trunk (see :meth:`__call__`), at most ``cache_bytes`` of them.
+        With ``cache``, hidden states are computed group by group (a row, or a comparison's rows) and kept in the
+        process's :class:`RowCache` for this trunk (see :meth:`__call__`), at most ``cache_bytes`` of them. Where the
+        architecture's attention does not follow a block-causal mask (a built-in check), each continuation of a group
+        runs after its own copy of the prefix instead, with a warning.
 
         The first model's trunk is the one that runs; the others must equal it, which holds for the PPO policy
         and its reference (both from the SFT checkpoint, lower blocks never trained) and for the value model
@@ -221,7 +236,13 @@ class FrozenTrunk:
         except (ValueError, StopIteration, AttributeError):
             return cls()
         trunk = cls(bottom, num_blocks, trunk_cache(first, cache_bytes) if cache else None)
-        return trunk if all(trunk._matches_full_forward(model) for model in models) else cls()
+        if not all(trunk._matches_full_forward(model) for model in models):
+            return cls()
+        if cache and not trunk._follows_block_masks():
+            log.warning("%s ignores block-causal attention masks: each summary of a comparison runs after its own copy of "
+                        "the query through the frozen trunk", type(decoder).__name__)
+            trunk.block_masks = False
+        return trunk
 
     def top(self, model: nn.Module) -> nn.Module:
         """``model`` from its first non-shared block up, taking ``inputs_embeds=`` the trunk's output.
@@ -239,32 +260,47 @@ class FrozenTrunk:
 
     @torch.no_grad()
     def __call__(
-        self, ids: torch.Tensor, pad_token_id: int, prefix_lengths: Optional[torch.Tensor] = None
+        self, ids: torch.Tensor, pad_token_id: int, prefix_lengths: Optional[torch.Tensor] = None, cached: bool = True
     ) -> Optional[torch.Tensor]:
-        """Hidden states ``(B, L, H)`` after the shared blocks for padded ``ids`` ``(B, L)``; ``None`` if disabled.
+        """Hidden states ``(G * B, L, H)`` after the shared blocks for padded ``ids`` ``(G * B, L)``; ``None`` if disabled.
 
-        Without a cache the batch runs as it is. With one, each row runs alone on its real tokens (positions
-        0..n-1, as :func:`~lit_rlhf.models.forward.model_inputs` numbers them), so its hidden states do not depend
-        on the batch it came in or on the padding, and a resumed run gets the very values of an uninterrupted
-        one; pad positions get zeros (the attention mask hides them).
+        Without a cache (or with ``cached=False``, for rows seen once) the batch runs as it is. With one, each *group*
+        of rows runs alone on its real tokens and is kept under a key of those tokens (:meth:`group_hidden`): a row by
+        itself, or with ``prefix_lengths`` ``(B,)`` the rows ``i, B + i, ..., (G - 1) * B + i``, which share their first
+        ``prefix_lengths[i]`` real tokens (a comparison's query, common to its chosen and rejected sequences: ``ids``
+        is ``cat([chosen, rejected])``, G = 2). A group's hidden states depend on its own tokens only, not on the batch
+        it came in or on the padding, so a resumed run gets the very values of an uninterrupted one; pad positions get
+        zeros (the attention mask hides them).
 
-        ``prefix_lengths`` ``(B,)`` (cached path only) says how many of each row's first real tokens are a prefix
-        that other rows of the batch may share: a comparison's query, common to its chosen and rejected sequences.
-        Each distinct prefix then runs once, and each row's remaining tokens run on its key/value cache
-        (:meth:`row_hidden`), which for a TL;DR pair (a ~157-token query, two ~35-token summaries) is about 1.7x
-        fewer tokens through the trunk.
+        Raises:
+            ValueError: when ``ids`` has not a multiple of ``prefix_lengths.numel()`` rows.
         """
         if not self:
             return None
-        if self.cache is None:
+        if self.cache is None or not cached:
             return self._batched(ids, pad_token_id)
-        mask = ids != pad_token_id
-        splits = [0] * ids.size(0) if prefix_lengths is None else [int(n) for n in prefix_lengths]
-        keys = [key + b"|%d" % split for key, split in zip(row_keys(ids, pad_token_id), splits)]
-        prefixes: dict[bytes, tuple[torch.Tensor, Any]] = {}  # this batch's prefixes: hidden states, key/value cache
-        rows = self.cache.get(keys, lambda i: self.row_hidden(ids[i][mask[i]], splits[i], prefixes))
-        hidden = rows[0].new_zeros(*ids.shape, rows[0].size(-1))
-        hidden[mask] = torch.cat(rows).to(hidden.dtype)
+        rows, mask = ids.size(0), ids != pad_token_id
+        num_groups = rows if prefix_lengths is None else prefix_lengths.numel()
+        if num_groups == 0 or rows % num_groups:
+            raise ValueError(f"{rows} rows cannot share {num_groups} prefixes group-wise")
+        members = [list(range(i, rows, num_groups)) for i in range(num_groups)]  # rows of each group
+        tokens = [row[m] for row, m in zip(ids, mask)]  # each row's real tokens
+        groups = []  # (prefix, continuations) of each group
+        for i, group in enumerate(members):
+            split = tokens[group[0]].numel() if prefix_lengths is None else int(prefix_lengths[i])
+            prefix = tokens[group[0]][:split]
+            if any(not torch.equal(tokens[row][:split], prefix) or tokens[row].numel() < split for row in group):
+                raise ValueError(f"rows {group} do not share their first {split} tokens")
+            groups.append((prefix, [tokens[row][split:] for row in group]))
+        context = _autocast_context(ids.device.type)
+        keys = [context + _segments_key([prefix, *rests]) for prefix, rests in groups]
+        values = self.cache.get(keys, lambda i: self.group_hidden(*groups[i]))  # (P + sum of T_g, H) each
+        hidden = values[0].new_zeros(*ids.shape, values[0].size(-1))
+        for (prefix, rests), group, value in zip(groups, members, values):
+            offset = prefix.numel()
+            for row, rest in zip(group, rests):
+                hidden[row, mask[row]] = torch.cat([value[: prefix.numel()], value[offset : offset + rest.numel()]])
+                offset += rest.numel()
         return hidden
 
     def _batched(self, ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -288,30 +324,50 @@ class FrozenTrunk:
         return self._cast_bottoms[dtype]
 
     @torch.no_grad()
-    def row_hidden(
-        self, tokens: torch.Tensor, prefix_length: int = 0, prefixes: Optional[dict[bytes, tuple[torch.Tensor, Any]]] = None
-    ) -> torch.Tensor:
-        """Hidden states ``(n, H)`` after the shared blocks for one unpadded sequence ``(n,)``.
+    def group_hidden(self, prefix: torch.Tensor, continuations: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """Hidden states ``(P + T_1 + ... + T_G, H)`` after the shared blocks for ``prefix`` ``(P,)`` followed by
+        each of ``continuations`` ``(T_g,)``, in one forward.
 
-        With ``0 < prefix_length < n``, the first ``prefix_length`` tokens run first (their hidden states and
-        key/value cache are kept in ``prefixes`` under their bytes, for the next row with the same prefix) and the
-        rest runs on that cache. The result depends on ``tokens`` and ``prefix_length`` only, not on ``prefixes``.
+        The continuations are laid end to end after the prefix; each attends to the prefix and to its own earlier
+        tokens only (a block-causal attention mask) and is numbered from position ``P`` on, so continuation ``g``'s
+        rows are the hidden states of the sequence ``prefix + continuations[g]`` (up to rounding: a matrix product's
+        rounding may depend on how many rows it has). A TL;DR comparison (a ~157-token query, two ~35-token
+        summaries) runs as one ~227-token sequence instead of two ~192-token ones; measured on the quickstart RM's
+        28 frozen blocks (2 cores, bf16), 0.28 s per comparison with the summaries on the query's key/value cache
+        -> 0.22 s.
         """
+        continuations = [rest for rest in continuations if rest.numel()]
+        tokens = torch.cat([prefix, *continuations])
         if tokens.numel() == 0:
             return self.bottom.get_input_embeddings().weight.new_zeros(0, self.bottom.config.hidden_size)
-        bottom = self._running_bottom()
-        if not 0 < prefix_length < tokens.numel():
-            return bottom(input_ids=tokens.unsqueeze(0), use_cache=False).last_hidden_state[0]
-        prefixes = {} if prefixes is None else prefixes
-        key = tokens[:prefix_length].cpu().numpy().tobytes()
-        if key not in prefixes:
-            out = bottom(input_ids=tokens[:prefix_length].unsqueeze(0), use_cache=True)
-            prefixes[key] = (out.last_hidden_state[0], out.cache)
-        prefix_hidden, past = prefixes[key]
-        rest = tokens[prefix_length:]
-        out = bottom(input_ids=rest.unsqueeze(0), cache=past, use_cache=True)
-        past.crop(-rest.numel())  # back to the prefix alone for the next row
-        return torch.cat([prefix_hidden, out.last_hidden_state[0]])
+        bottom, length = self._running_bottom(), prefix.numel()
+
+        def run(ids: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+            return bottom(input_ids=ids.unsqueeze(0), use_cache=False, **kwargs).last_hidden_state[0]
+
+        if len(continuations) <= 1:  # one causal sequence
+            return run(tokens)
+        if not self.block_masks:
+            rows = [run(torch.cat([prefix, rest])) for rest in continuations]
+            return torch.cat([rows[0][:length]] + [row[length:] for row in rows])
+        spans = [torch.arange(length, length + rest.numel(), device=tokens.device) for rest in continuations]
+        positions = torch.cat([torch.arange(length, device=tokens.device), *spans])
+        segment = torch.cat([torch.zeros_like(positions[:length])] + [torch.full_like(span, g + 1) for g, span in enumerate(spans)])
+        causal = torch.ones(tokens.numel(), tokens.numel(), dtype=torch.bool, device=tokens.device).tril()
+        allowed = causal & ((segment == 0)[None, :] | (segment[None, :] == segment[:, None]))  # (L, L): query row, key column
+        return run(tokens, attention_mask=allowed[None, None], position_ids=positions.unsqueeze(0))
+
+    @torch.no_grad()
+    def _follows_block_masks(self) -> bool:
+        """Whether :meth:`group_hidden` of a prefix and two continuations matches each whole sequence (float32)."""
+        device = self.bottom.get_input_embeddings().weight.device
+        prefix, first, second = (torch.arange(a, b, device=device) for a, b in ((1, 5), (5, 8), (8, 10)))
+        grouped = self.group_hidden(prefix, [first, second])
+        whole = [self.bottom(input_ids=torch.cat([prefix, rest])[None], use_cache=False).last_hidden_state[0] for rest in (first, second)]
+        want = torch.cat([whole[0], whole[1][prefix.numel() :]])
+        # rounding only: relative to each position's largest value (pretrained models reach ~2e4 in some channels)
+        scale = want.abs().amax(dim=-1, keepdim=True)
+        return grouped.shape == want.shape and bool(((grouped - want).abs() <= 1e-5 * scale + 1e-5).all())
 
     @torch.no_grad()
     def _matches_full_forward(self, model: nn.Module) -> bool:

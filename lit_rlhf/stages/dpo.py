@@ -113,7 +113,7 @@ class DPOModule(StageModule):
         """Summed response logprobs ``(B,)``: ``policy_chosen``, ``policy_rejected``, ``ref_chosen``, ``ref_rejected``."""
         pad, query_ids = self.tokenizer.pad_token_id, batch["query_ids"]
         ids = stack_pair(query_ids, batch["chosen_response_ids"], batch["rejected_response_ids"], pad)  # (2B, Q+T)
-        queries = (query_ids != pad).sum(1).repeat(2)  # (2B,) each row's query tokens, shared by its pair
+        queries = (query_ids != pad).sum(1)  # (B,) each pair's query tokens, shared by rows i and B + i
         hidden = self.trunk(ids, pad, prefix_lengths=queries)  # (2B, Q+T, H), or None
         policy = response_logprob_sums(self.trunk.top(self.policy), ids, query_ids.size(1), pad, hidden)  # (2B,)
         with torch.no_grad():
@@ -123,7 +123,8 @@ class DPOModule(StageModule):
 
     @torch.no_grad()
     def ref_logprob_sums(self, ids: torch.Tensor, context_length: int, hidden: Optional[torch.Tensor]) -> torch.Tensor:
-        """Summed reference logprobs ``(B,)`` of the responses in ``ids`` ``(B, Q + T)`` (``hidden``: trunk output).
+        """Summed reference logprobs ``(2B,)`` of the responses in ``ids`` ``(2B, Q + T)``, ``cat([chosen, rejected])``
+        (``hidden``: trunk output, run pair by pair).
 
         With the reference cache each uncached row runs alone, unpadded, so its value does not depend on its batch.
         """
@@ -138,7 +139,10 @@ class DPOModule(StageModule):
             row_hidden = None if hidden is None else hidden[i][mask[i]].unsqueeze(0)
             return response_logprob_sums(ref_policy, row, query, pad, row_hidden)[0]
 
-        return torch.stack(self.reference_logprobs.get(row_keys(ids, pad, split=context_length), one_row))
+        # a row's trunk output depends on its pair (they run as one group): the key holds both, the row's first
+        keys = row_keys(ids, pad, split=context_length)
+        keys = [key + b"#" + keys[(i + len(keys) // 2) % len(keys)] for i, key in enumerate(keys)]
+        return torch.stack(self.reference_logprobs.get(keys, one_row))
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, chosen_rewards, rejected_rewards)`` of :func:`~lit_rlhf.algorithms.dpo_loss` on a batch."""

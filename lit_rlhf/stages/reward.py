@@ -97,10 +97,11 @@ class RewardModule(StageModule):
     def share_frozen_trunks(self) -> None:
         self.trunk = FrozenTrunk.shared_by(self.reward_model, cache=self.hparams.trunk_cache)
 
-    def scores(self, ids: torch.Tensor) -> torch.Tensor:
-        """Scores ``(B,)`` of padded sequences ``(B, L)``, the frozen lower blocks through :attr:`trunk`."""
+    def scores(self, ids: torch.Tensor, cached: bool = True) -> torch.Tensor:
+        """Scores ``(B,)`` of padded sequences ``(B, L)``, the frozen lower blocks through :attr:`trunk` (``cached=False``:
+        the padded batch in one forward, kept nowhere, for sequences seen once)."""
         pad = self.tokenizer.pad_token_id
-        return sequence_scores(self.trunk.top(self.reward_model), ids, pad, self.trunk(ids, pad))
+        return sequence_scores(self.trunk.top(self.reward_model), ids, pad, self.trunk(ids, pad, cached=cached))
 
     def pair_scores(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores ``(B,)`` of the chosen and rejected sequences.
@@ -114,7 +115,7 @@ class RewardModule(StageModule):
         ids = torch.cat([F.pad(chosen, (0, width - chosen.size(1)), value=pad), F.pad(rejected, (0, width - rejected.size(1)), value=pad)])
         if "query_ids" in batch and not is_sharded(self.reward_model):
             queries = (batch["query_ids"] != pad).sum(1)  # (B,)
-            hidden = self.trunk(ids, pad, prefix_lengths=queries.repeat(2))  # (2B, L, H) or None
+            hidden = self.trunk(ids, pad, prefix_lengths=queries)  # (2B, L, H) or None: each pair runs as one group
             scores = shared_prefix_scores(self.trunk.top(self.reward_model), ids, queries, pad, hidden)  # (2B,)
         else:
             scores = self.scores(ids)
@@ -183,7 +184,7 @@ class RewardModule(StageModule):
         total = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)
         for batch in self.trainer.datamodule.normalization_dataloader():
-            scores = self.scores(batch["input_ids"].to(self.device))
+            scores = self.scores(batch["input_ids"].to(self.device), cached=False)  # each reference summary once
             total += scores.sum()
             count += scores.numel()
         total = self.trainer.strategy.reduce(total, reduce_op="sum")
