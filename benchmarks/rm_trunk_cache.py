@@ -9,7 +9,8 @@ does), under bf16 autocast, and prints one row per way of doing it:
 - ``batched, no cache``: the padded batch in one forward — what every epoch and every validation costs without the
   cache;
 - ``cache, rows alone``: each sequence alone and unpadded, kept (the first epoch with ``prefix_lengths`` unset);
-- ``cache, query shared``: each pair's query once, its two summaries on the query's key/value cache;
+- ``cache, query shared``: each pair as one sequence, its query once and then both summaries side by side under a
+  block-causal mask (``FrozenTrunk.group_hidden``);
 - ``cache, hits``: the same batches again (every later epoch).
 
 The cache rows check their values against the batched forward (largest difference over real tokens, relative to the

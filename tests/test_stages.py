@@ -33,7 +33,7 @@ import lit_rlhf.stages.ppo as ppo_stage
 from lit_rlhf.algorithms import INVALID_LOGPROB
 from lit_rlhf.cli import main
 from lit_rlhf.data.datamodules import PreferenceDataModule
-from lit_rlhf.models.forward import sequence_scores
+from lit_rlhf.models.forward import model_inputs, sequence_scores
 from lit_rlhf.models.loading import PAD_TOKEN, load_tokenizer
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.stages.ppo import PPOModule
@@ -294,6 +294,8 @@ def test_rollout_with_frozen_trunk_matches_full_models(tiny_model_dir, tiny_rewa
     split.share_frozen_trunks()
     ppo_module.share_frozen_trunks()
     assert split.policy_trunk.num_blocks == 1 and split.value_trunk.num_blocks == 1 and not ppo_module.policy_trunk
+    # the tiny reward model is built on the tiny policy's backbone: one trunk serves all four models
+    assert split.policy_trunk is split.value_trunk
     torch.manual_seed(0)
     full_data = ppo_module.rollout(queries)
     torch.manual_seed(0)
@@ -305,6 +307,17 @@ def test_rollout_with_frozen_trunk_matches_full_models(tiny_model_dir, tiny_rewa
     full_loss, _ = ppo_module.ppo_loss(full_data, rows, queries.size(1))
     split_loss, _ = split.ppo_loss(split_data, rows, queries.size(1))
     torch.testing.assert_close(split_loss, full_loss, rtol=0, atol=1e-6)
+    # a value/reward model whose lower block differs from the policy's gets its own trunk, still exact
+    with torch.no_grad():
+        for model in (split.value_model, split.reward_model):
+            model.backbone.layers[0].mlp.up_proj.weight.add_(0.1)
+    split.share_frozen_trunks()
+    assert split.policy_trunk.num_blocks == split.value_trunk.num_blocks == 1 and split.policy_trunk is not split.value_trunk
+    torch.manual_seed(0)
+    data = split.rollout(queries)
+    pad, context = split.tokenizer.pad_token_id, queries.size(1)
+    values = split.value_model(**model_inputs(data["query_responses"], pad))[:, context - 1 : -1].float()
+    torch.testing.assert_close(data["values"], values.masked_fill(data["value_padding_mask"], 0.0), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("score_position, whitening_scope", [("after_eos", "rank"), ("eos", "global")])

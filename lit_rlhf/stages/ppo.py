@@ -222,9 +222,18 @@ class PPOModule(PolicyValidation, StageModule):
         self.reward_model = AdaptersDisabled(self.value_model) if same_weights else frozen(ScalarModel.load(hp.reward_model))
 
     def share_frozen_trunks(self) -> None:
-        """Find the frozen lower blocks policy/reference and value/reward model share (after any checkpoint load)."""
+        """Find the frozen lower blocks policy/reference and value/reward model share (after any checkpoint load).
+
+        Where all four models hold the same frozen blocks, as deep as each pair's trunk goes, one trunk serves them all
+        and runs once per rollout instead of twice: the quickstart's reward model is trained from the SFT checkpoint with
+        fewer trainable blocks than PPO's ``trainable_layers``, so its lower blocks are the SFT policy's.
+        """
         self.policy_trunk = FrozenTrunk.shared_by(self.policy, self.ref_policy)
         self.value_trunk = FrozenTrunk.shared_by(self.value_model, self.reward_model)
+        if self.policy_trunk and self.policy_trunk.num_blocks == self.value_trunk.num_blocks:
+            common = FrozenTrunk.shared_by(self.policy, self.ref_policy, self.value_model, self.reward_model)
+            if common.num_blocks == self.policy_trunk.num_blocks:
+                self.policy_trunk = self.value_trunk = common
 
     def on_fit_start(self) -> None:
         if self.hparams.critic_warmup_updates and deepspeed_engine(self.trainer.strategy) is not None:
@@ -291,7 +300,7 @@ class PPOModule(PolicyValidation, StageModule):
         for part in self.row_chunks(queries.size(0)):
             qr = query_responses[part]
             policy_hidden.append(self.policy_trunk(qr, pad))  # (b, Q+T, H) or None
-            value_hidden.append(self.value_trunk(qr, pad))
+            value_hidden.append(policy_hidden[-1] if self.value_trunk is self.policy_trunk else self.value_trunk(qr, pad))
             logprobs.append(response_logprobs(policy, qr, context_length, pad, hp.temperature, hidden=policy_hidden[-1]))
             ref_logprobs.append(response_logprobs(ref_policy, qr, context_length, pad, hp.temperature, hidden=policy_hidden[-1]))
             values.append(self.values(qr, context_length, hidden=value_hidden[-1]))
