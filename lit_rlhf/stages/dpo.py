@@ -37,9 +37,10 @@ class DPOModule(StageModule):
 
     Each step computes the summed response logprobs of chosen and rejected summaries under the policy (with
     gradient) and under the reference policy (no gradient), then the loss of :func:`~lit_rlhf.algorithms.dpo_loss`.
-    The reference logprob of a sequence is computed once, on the sequence alone, and kept for later epochs and
-    validations (``reference_cache``, a :class:`~lit_rlhf.models.trunk.RowCache`). With ``trainable_layers`` the
-    frozen lower blocks the two models share run once per sequence and are kept too (``trunk_cache``; see
+    The reference logprob of a sequence is computed once, on the sequence alone (keyed with the other sequence of its
+    comparison, whose trunk pass it shares), and kept for later epochs and validations (``reference_cache``, a
+    :class:`~lit_rlhf.models.trunk.RowCache`). With ``trainable_layers`` the
+    frozen lower blocks the two models share run once per comparison and are kept too (``trunk_cache``; see
     :class:`~lit_rlhf.models.trunk.FrozenTrunk`), so a later epoch runs the policy's top blocks only.
 
     Validation reports the implicit reward ``beta * (logp_policy - logp_ref)`` accuracy overall / per comparison
@@ -58,7 +59,7 @@ class DPOModule(StageModule):
         lora: train LoRA adapters (peft) on the frozen SFT model instead of all weights (``None`` = off); exclusive
             with ``trainable_layers``. The export merges them (``lora.merge_on_export``).
             The reference policy is then the policy with its adapters disabled (no second copy).
-        trunk_cache: keep the shared frozen blocks' output per sequence (with ``trainable_layers``).
+        trunk_cache: keep the shared frozen blocks' output per comparison (with ``trainable_layers``).
         reference_cache: keep the reference logprob per sequence (off for sharded models: FSDP2, ZeRO-3).
     """
 

@@ -50,7 +50,7 @@ class RewardModule(StageModule):
         lora: train LoRA adapters (peft) on the frozen backbone instead of all weights, the scalar head whole
             (``None`` = off); exclusive with ``trainable_layers``. The export is always merged (the R5 bias lives in the
             model's config).
-        trunk_cache: with ``trainable_layers``, run the frozen lower blocks once per sequence and keep their output
+        trunk_cache: with ``trainable_layers``, run the frozen lower blocks once per comparison and keep their output
             (:class:`~lit_rlhf.models.trunk.FrozenTrunk` with a :class:`~lit_rlhf.models.trunk.RowCache`), so that every
             epoch after the first, and every validation after the first, runs the top blocks only.
     """
