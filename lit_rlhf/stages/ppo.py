@@ -308,8 +308,11 @@ class PPOModule(PolicyValidation, StageModule):
         logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)  # (B, T)
         values, scores = torch.cat(values), torch.cat(scores)  # (B, T), (B,)
         self.check_finite("reward-model score", scores)
-        trunks = {"policy_hidden": policy_hidden, "value_hidden": value_hidden}
-        trunks = {key: torch.cat(parts) for key, parts in trunks.items() if parts[0] is not None}
+        trunks = {}
+        if policy_hidden[0] is not None:
+            trunks["policy_hidden"] = torch.cat(policy_hidden)
+        if value_hidden[0] is not None:  # one trunk for all four models: the same tensor, not a copy
+            trunks["value_hidden"] = trunks["policy_hidden"] if self.value_trunk is self.policy_trunk else torch.cat(value_hidden)
         # 4. no EOS -> penalty score (P3); policy positions after the last real token L are masked (P4), values
         #    after L + 1 with the N+ score position (padding_mask_p1, P5)
         last_index = first_true_indices(postprocessed == pad) - 1  # (B,) index L of EOS / last token
