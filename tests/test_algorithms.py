@@ -141,6 +141,19 @@ def test_entropy_from_logits():
     close(entropy_from_logits(logits), [[1.386294, 0.562335, 0.0]])
 
 
+def test_logprobs_with_entropy_of_the_scaled_distribution():
+    # T = 0.5: [0, ln 3] -> softmax [0.1, 0.9]; H = -(0.1 ln 0.1 + 0.9 ln 0.9) = 0.230259 + 0.094824 = 0.325083
+    logits = T([[[0.0, math.log(3.0)], [0.0, 0.0]]], requires_grad=True)
+    before = logits.detach().clone()
+    logprobs, entropy = logprobs_from_logits(logits, T([[1, 0]]), temperature=0.5, return_entropy=True)
+    close(logprobs, [[math.log(0.9), math.log(0.5)]])
+    close(entropy, [[0.325083, math.log(2.0)]])
+    assert torch.equal(logits.detach(), before)  # float32 logits are not scaled in place
+    # d logp(1) / d logits = (onehot(1) - p) / T = ([0, 1] - [0.1, 0.9]) / 0.5 = [-0.2, 0.2] (row 2: no gradient)
+    logprobs[0, 0].backward()
+    close(logits.grad, [[[-0.2, 0.2], [0.0, 0.0]]])
+
+
 # --------------------------------------------------------------------------------------------------------
 # masked_sum / masked_mean / masked_var / masked_whiten (P6), all_reduce hook
 # --------------------------------------------------------------------------------------------------------

@@ -88,14 +88,10 @@ def response_logprobs(
     logits = model(**model_inputs(query_responses, pad_token_id, hidden), logits_to_keep=length + 1).logits[:, :-1]  # (B, T, V)
     padded = responses == pad_token_id
     # the [PAD] id may lie outside the vocabulary (recipe D6): gather a real id there, then overwrite
-    logprobs = logprobs_from_logits(logits, responses.masked_fill(padded, 0), temperature)
+    out = logprobs_from_logits(logits, responses.masked_fill(padded, 0), temperature, return_entropy=return_entropy)
+    logprobs, entropy = out if return_entropy else (out, None)
     logprobs = logprobs.masked_fill(padded, INVALID_LOGPROB)
-    if not return_entropy:
-        return logprobs
-    scaled = logits.float() / (temperature + 1e-7)
-    probs = torch.softmax(scaled, dim=-1)
-    entropy = torch.logsumexp(scaled, dim=-1) - (probs * scaled).sum(-1)
-    return logprobs, entropy
+    return (logprobs, entropy) if return_entropy else logprobs
 
 
 def response_logprob_sums(
