@@ -1,6 +1,6 @@
 """Choose the quickstart's PPO learning rate on held-out *training* prompts (issue 11), never on the validation file.
 
-    python benchmarks/ppo_lr_sweep.py --run_dir runs/quickstart --lr 3e-5 1e-4 [--output runs/ppo_lr_sweep.json]
+    python benchmarks/ppo_lr_sweep.py --run_dir runs/quickstart --lr 3e-5 1e-4 [--num_ppo_epochs 2] [--output runs/ppo_lr_sweep.json]
 
 Reads ``configs/quickstart/ppo.yaml`` and the SFT / RM exports of a finished quickstart under ``--run_dir``. The
 SFT data's training prompts are split in two: the last ``--held_out`` rows are scored, the rest feed the rollouts
@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from lit_rlhf.data.datamodules import PromptDataModule  # noqa: E402
 from lit_rlhf.evaluation.stats import mean_with_interval  # noqa: E402
+from lit_rlhf.host_memory import reuse_freed_memory  # noqa: E402
 from lit_rlhf.stages.ppo import PPOModule  # noqa: E402
 
 
@@ -64,6 +65,8 @@ def run(config: dict[str, Any], args: argparse.Namespace, lr: float | None, spli
     model_args = {**config["model"], "policy": str(args.run_dir / "sft" / "model"), "reward_model": str(args.run_dir / "rm" / "model")}
     if lr is not None:
         model_args["lr"] = lr
+    if args.num_ppo_epochs is not None:
+        model_args["num_ppo_epochs"] = args.num_ppo_epochs
     datamodule = prompt_data(config, model_args["policy"])
     datamodule.splits = dict(splits)
     L.seed_everything(config.get("seed_everything", 1), verbose=False)
@@ -87,10 +90,12 @@ def main() -> None:
     parser.add_argument("--run_dir", type=Path, default=Path("runs/quickstart"), help="a finished quickstart (sft/model, rm/model)")
     parser.add_argument("--config", type=Path, default=ROOT / "configs/quickstart/ppo.yaml")
     parser.add_argument("--lr", type=float, nargs="+", default=[3e-5, 1e-4])
+    parser.add_argument("--num_ppo_epochs", type=int, help="PPO epochs per update (default: the config's)")
     parser.add_argument("--held_out", type=int, default=128, help="last N training prompts scored, never rolled out")
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
+    reuse_freed_memory()  # as the lit-rlhf entry point does
 
     config = yaml.safe_load(args.config.read_text())
     train = prompt_data(config, str(args.run_dir / "sft" / "model")).build("train", None)
@@ -114,7 +119,8 @@ def main() -> None:
     row("SFT", baseline)
     for lr in args.lr:
         results.append(run(config, args, lr, splits))
-        row(f"PPO lr {lr:g}", results[-1])
+        epochs = args.num_ppo_epochs or config["model"].get("num_ppo_epochs", 4)
+        row(f"PPO lr {lr:g}, {epochs} epochs", results[-1])
     if args.output:
         args.output.write_text(json.dumps(results, indent=1))
 
