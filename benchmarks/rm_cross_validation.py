@@ -39,6 +39,7 @@ import torch  # noqa: E402
 
 from lit_rlhf.data.datamodules import PreferenceDataModule  # noqa: E402
 from lit_rlhf.evaluation.stats import mean_with_interval  # noqa: E402
+from lit_rlhf.host_memory import reuse_freed_memory  # noqa: E402
 from lit_rlhf.stages.reward import RewardModule  # noqa: E402
 
 
@@ -122,6 +123,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
+    reuse_freed_memory()  # as the lit-rlhf entry point does
 
     datamodule = PreferenceDataModule(args.data, tokenizer=args.model, query_length=args.query_length,
                                       response_length=args.response_length, max_length=args.max_length, sft_path=None)

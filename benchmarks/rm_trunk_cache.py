@@ -35,6 +35,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from lit_rlhf.data.datamodules import PreferenceDataModule  # noqa: E402
+from lit_rlhf.host_memory import reuse_freed_memory  # noqa: E402
 from lit_rlhf.models.scalar import ScalarModel  # noqa: E402
 from lit_rlhf.models.trunk import FrozenTrunk, clear_trunk_caches  # noqa: E402
 from lit_rlhf.stages.common import freeze_bottom_layers  # noqa: E402
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--trainable_layers", type=int, default=2)
     args = parser.parse_args()
+    reuse_freed_memory()  # as the lit-rlhf entry point does
 
     datamodule = PreferenceDataModule(args.data, tokenizer=args.model, query_length=192, response_length=169, max_length=361,
                                       batch_size=args.batch_size, train_samples=args.pairs, sft_path=None)
