@@ -50,9 +50,11 @@ def reuse_freed_memory(trim_threshold: int = 2**31 - 1) -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        applied = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
+        # the trim threshold first: were M_MMAP_MAX=0 applied alone, heap blocks freed at the top would be returned
+        # (and faulted in again) at glibc's default 128 KiB threshold
+        applied = libc.mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1 and libc.mallopt(M_MMAP_MAX, 0) == 1
     except (OSError, AttributeError):
         return False
     if not applied:
-        log.warning("glibc mallopt refused M_MMAP_MAX=0 / M_TRIM_THRESHOLD=%d: the allocator keeps its defaults", trim_threshold)
+        log.warning("glibc mallopt refused M_TRIM_THRESHOLD=%d or M_MMAP_MAX=0: large blocks stay mmap-ed", trim_threshold)
     return applied
