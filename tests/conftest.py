@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tldr"
 SFT_DATA = DATA / "sft"
 COMPARISON_DATA = DATA / "comparisons"
+CHAT_DATA = ROOT.parent / "shared" / "data" / "chat"
 
 
 @pytest.fixture(scope="session")

@@ -18,19 +18,19 @@ from lit_rlhf.data.datamodules import (
     RepeatedShuffleSampler,
     SFTDataModule,
 )
+from lit_rlhf.data.examples import Dropped, Lengths, preference_example, sft_example
+from lit_rlhf.data.formats import comparison_problem, to_record
 from lit_rlhf.data.formatting import (
     CNNDM_QUERY_LENGTH,
     CNNDM_TEMPLATE,
     TLDR_TEMPLATE,
-    build_preference_example,
-    build_sft_example,
-    comparison_problem,
     completion_ids,
     format_query_ids,
     pad,
     trim_padding,
 )
 from lit_rlhf.data.io import HUB_NAME_EXAMPLE, load_split, validate_jsonl
+from lit_rlhf.data.templates import Renderer
 from lit_rlhf.models.forward import model_inputs
 
 PAD_ID = 49152  # SmolLM2 has 49,152 tokens; [PAD] is appended after them (D6)
@@ -42,6 +42,24 @@ QUERY_TEXT = "SUBREDDIT: r/test\n\nTITLE: A title\n\nPOST: First line.\nSecond l
 
 def enc(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def build_sft_example(row, tokenizer, query_length, response_length, max_length):
+    """A TL;DR SFT row through the one data path (formats -> templates -> examples), or None when it is dropped."""
+    try:
+        return sft_example(to_record(row, "tldr"), Renderer(tokenizer), Lengths(query_length, response_length, max_length), "test")[0]
+    except Dropped:
+        return None
+
+
+def build_preference_example(row, tokenizer, query_length, response_length, max_length, cnndm_query_length=CNNDM_QUERY_LENGTH,
+                             cnndm_max_length=None):
+    """A TL;DR comparison through the one data path, or None when it is dropped."""
+    lengths = Lengths(query_length, response_length, max_length, "drop", cnndm_query_length, cnndm_max_length)
+    try:
+        return preference_example(to_record(row, "tldr_comparisons"), Renderer(tokenizer), lengths, "test")[0]
+    except Dropped:
+        return None
 
 
 def write_jsonl(path: Path, rows: list, raw_lines: list[str] = ()) -> Path:
@@ -304,9 +322,9 @@ def test_build_preference_example_cnndm_query_budget(tokenizer):
 @pytest.mark.parametrize(
     "change, error, match",
     [
-        ({"choice": None}, KeyError, "choice"),
+        ({"choice": None}, ValueError, "'choice' must be 0 or 1, got None"),
         ({"info": None}, KeyError, "info"),
-        ({"summaries": None}, KeyError, "summaries"),
+        ({"summaries": None}, ValueError, "exactly 2 summaries, got a NoneType"),
         ({"choice": 2}, ValueError, "'choice' must be 0 or 1, got 2"),
         ({"summaries": [{"text": " only one"}]}, ValueError, "exactly 2 summaries, got 1 entries"),
         ({"summaries": [{"text": " a"}, {"policy": "b"}]}, KeyError, r"summaries\[\]\.text"),
@@ -433,8 +451,11 @@ def test_sft_datamodule_on_real_data(tokenizer, default_model_dir):
     assert len(val) <= 6
 
     batch = next(iter(dm.val_dataloader()))
-    assert set(batch) == {"query_ids", "input_ids", "reference"}
+    assert set(batch) == {"query_ids", "input_ids", "loss_mask", "reference", "source"}
     assert batch["input_ids"].shape[0] == batch["query_ids"].shape[0] == len(batch["reference"]) == 4
+    # N+ trains on the whole TL;DR sequence (recipe §1 SFT): the loss mask is every real token
+    assert torch.equal(batch["loss_mask"], batch["input_ids"] != PAD_ID) and dm.source_names == ["sft"]
+    assert batch["source"].tolist() == [0] * 4
     assert batch["input_ids"].shape[1] <= 562 and batch["query_ids"].shape[1] <= 512
     _check_trimmed(batch["input_ids"], torch.tensor(val[:4]["input_ids"]), "right")
     _check_trimmed(batch["query_ids"], torch.tensor(val[:4]["query_ids"]), "left")
@@ -460,9 +481,9 @@ def test_prompt_datamodule_repeats_and_reshuffles(tokenizer, default_model_dir):
     dm.tokenizer = tokenizer
     dm.setup("fit")
     train = dm.splits["train"]
-    assert train.column_names == ["query_ids", "reference"]
+    assert train.column_names == ["query_ids", "reference", "reference_ids", "prompt_text", "source"]
     batches = list(dm.train_dataloader())
-    assert len(batches) == 5 and all(set(b) == {"query_ids", "reference"} for b in batches)
+    assert len(batches) == 5 and all(set(b) == {"query_ids", "reference", "reference_ids", "prompt_text", "source"} for b in batches)
     seen = [r for b in batches for r in b["reference"]]
     expected = [train[i]["reference"] for i in RepeatedShuffleSampler(len(train), 10, seed=5)]
     assert seen == expected  # exactly total_episodes prompts in the sampler's order
@@ -488,7 +509,10 @@ def test_preference_datamodule_on_real_data(tokenizer, default_model_dir):
     assert len(val) == 8  # every sampled comparison fits 169 / 638
 
     batch = next(iter(dm.val_dataloader()))
-    assert set(batch) == {"query_ids", "chosen_ids", "rejected_ids", "chosen_response_ids", "rejected_response_ids", "batch", "confidence"}
+    assert set(batch) == {
+        "query_ids", "chosen_ids", "rejected_ids", "chosen_response_ids", "rejected_response_ids", "batch", "confidence", "source",
+        "prompt_text",
+    }
     assert batch["batch"].dtype == torch.long and batch["confidence"].dtype == torch.long
     assert [dm.batch_names[i] for i in batch["batch"].tolist()] == [r["batch"] for r in raw_val[:4]]
     assert batch["confidence"].tolist() == [r["extra"]["confidence"] for r in raw_val[:4]]
@@ -657,15 +681,14 @@ def test_load_split_reads_a_local_directory(tmp_path):
 
 
 def test_sft_datamodule_row_lacking_summary_value(tmp_path, tokenizer, default_model_dir):
-    # the field is present (validation passes) but null: the builder's error names the row and the field
+    # the field is present but null: the line check names the file, the line and the field
     write_jsonl(tmp_path / "train.jsonl", [sft_row(0), sft_row(1, summary=None)])
     write_jsonl(tmp_path / "validation.jsonl", [sft_row(2)])
     dm = SFTDataModule(path=str(tmp_path), tokenizer=str(default_model_dir))
     dm.tokenizer = tokenizer
     with pytest.raises(ValueError) as info:
         dm.setup("fit")
-    message = str(info.value)
-    assert "row id=s1" in message and "summary" in message and str(tmp_path) in message
+    assert str(info.value) == f"{tmp_path / 'train.jsonl'}:2: missing field 'summary'"
 
 
 def test_sft_datamodule_missing_summary_field(tmp_path, tokenizer, default_model_dir):
@@ -704,7 +727,7 @@ def test_datamodule_fails_when_no_row_fits(tmp_path, tokenizer, default_model_di
     write_jsonl(tmp_path / "validation.jsonl", [sft_row(1)])
     dm = SFTDataModule(path=str(tmp_path), tokenizer=str(default_model_dir))
     dm.tokenizer = tokenizer
-    with pytest.raises(ValueError, match="no sft/train row fits"):
+    with pytest.raises(ValueError, match=f"no {tmp_path.name}/train row fits the configured lengths"):
         dm.setup("fit")
 
 
@@ -773,8 +796,8 @@ def test_post_whose_title_alone_does_not_fit_is_dropped_and_counted(tmp_path, to
         dm.setup("fit")
     assert dm.splits["train"]["reference"] == [sft_row(0)["summary"], sft_row(2)["summary"]]
     assert (
-        "sft/train: dropped 2 of 4 rows: 1 whose response exceeds the fixed length, "
-        "1 whose query does not fit its budget even with an empty post"
+        f"{tmp_path.name}/train: dropped 2 of 4 rows: 1 whose prompt does not fit its budget even when cut, "
+        "1 whose response exceeds the fixed length"
     ) in caplog.text
 
 
@@ -794,9 +817,10 @@ def test_large_split_formatted_by_several_processes_same_rows_and_errors(tmp_pat
         return dm.build("train", None)
 
     several, one = built(tmp_path / "a", 256), built(tmp_path / "b", 10**6)  # 2 processes; 1 process
-    assert len(several.cache_files) == 2 and len(one.cache_files) == 1 and several[:] == one[:]
+    same = lambda data: data.remove_columns("source")[:]  # noqa: E731 - the source is each directory's name
+    assert len(several.cache_files) == 2 and len(one.cache_files) == 1 and same(several) == same(one)
     bad = tmp_path / "bad"
     bad.mkdir()
     write_jsonl(bad / "train.jsonl", [*rows[:400], sft_row(400, summary=None), *rows[401:]])
-    with pytest.raises(ValueError, match="row id=s400.*summary"):
+    with pytest.raises(ValueError, match=r"train\.jsonl:401: missing field 'summary'"):
         built(bad, 256)

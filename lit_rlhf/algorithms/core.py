@@ -8,7 +8,7 @@ Shape letters: ``B`` batch, ``T`` response length (tokens), ``L`` full sequence 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,26 +35,36 @@ def first_true_indices(bools: torch.Tensor, dtype: torch.dtype = torch.long) -> 
     return zero_or_index.min(dim=-1).values
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+StopIds = Union[int, Sequence[int], torch.Tensor]
+
+
+def is_stop(responses: torch.Tensor, stop_ids: StopIds) -> torch.Tensor:
+    """``(B, T)`` bool: where ``responses`` holds any of ``stop_ids`` (EOS, a chat template's end-of-turn token, ...)."""
+    return torch.isin(responses, torch.as_tensor(stop_ids, dtype=responses.dtype, device=responses.device))
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_token_id: StopIds, pad_token_id: int) -> torch.Tensor:
     """Replace every token after the first EOS of each response by PAD (recipe P3, "EOS trick").
 
-    The EOS itself is kept so that the reward model reads its score there (recipe R3).
+    The EOS itself is kept so that the reward model reads its score there (recipe R3). With several stop ids (EOS and
+    a chat template's end-of-turn token, recipe W4) the first of any of them ends the response.
 
     Args:
         responses: ``(B, T)`` sampled response token ids.
-        eos_token_id: id of the EOS token.
+        eos_token_id: the id of the EOS token, or several stop ids.
         pad_token_id: id written after the first EOS.
 
     Returns:
         ``(B, T)`` new tensor; rows without an EOS are unchanged.
     """
-    eos_index = first_true_indices(responses == eos_token_id)  # (B,) T when absent
+    eos_index = first_true_indices(is_stop(responses, eos_token_id))  # (B,) T when absent
     positions = torch.arange(responses.size(1), device=responses.device).unsqueeze(0)  # (1, T)
     return responses.masked_fill(positions > eos_index.unsqueeze(1), pad_token_id)
 
 
-def penalize_missing_eos(scores: torch.Tensor, responses: torch.Tensor, eos_token_id: int, penalty: float) -> torch.Tensor:
-    """Replace the score of every response without an EOS by ``penalty`` (recipe P3: -1).
+def penalize_missing_eos(scores: torch.Tensor, responses: torch.Tensor, eos_token_id: StopIds, penalty: float) -> torch.Tensor:
+    """Replace the score of every response without an EOS (without any of several stop ids) by ``penalty`` (recipe P3:
+    -1).
 
     Args:
         scores: ``(B,)`` reward-model scores.
@@ -63,7 +73,7 @@ def penalize_missing_eos(scores: torch.Tensor, responses: torch.Tensor, eos_toke
     Returns:
         ``(B,)`` new tensor.
     """
-    contains_eos = (responses == eos_token_id).any(dim=1)
+    contains_eos = is_stop(responses, eos_token_id).any(dim=1)
     return torch.where(contains_eos, scores, torch.full_like(scores, penalty))
 
 

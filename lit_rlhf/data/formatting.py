@@ -1,13 +1,14 @@
-"""TL;DR formatting: query template, clever truncation, padding, completions (recipe D2-D7).
+"""TL;DR formatting: query template, clever truncation, padding (recipe D2-D7).
 
-All functions take a Hugging Face tokenizer and plain Python rows; nothing here touches Lightning.
-Token ids are built without special tokens (no BOS), as the N+ code does with Pythia.
+All functions take a Hugging Face tokenizer and plain Python rows; nothing here touches Lightning. Token ids are built
+without special tokens, as the N+ code does with Pythia (:class:`~lit_rlhf.data.templates.Renderer` adds a BOS for a
+model that uses one).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 
@@ -25,7 +26,8 @@ def is_cnndm(info: Mapping[str, Any]) -> bool:
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False)
+    """Token ids of plain text: no special token added, special-token strings (``[PAD]``, ``<|im_end|>``) as text."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 class QueryTooLong(ValueError):
@@ -82,7 +84,8 @@ def _fitted_query(tokenizer: Any, template: str, body_key: str, items: tuple[tup
 
 
 def completion_ids(tokenizer: Any, text: str, leading_space: bool) -> list[int]:
-    """Completion token ids: the text, then EOS, with a space prepended when ``leading_space`` (recipe D5).
+    """Completion token ids: the text (special-token strings as text), then EOS, with a space prepended when
+    ``leading_space`` (recipe D5).
 
     As N+: SFT reference summaries always get the space (``" " + summary``, even if one is there already);
     comparison summaries, which already begin with a space, are used as they are.
@@ -100,105 +103,6 @@ def pad(ids: list[int], length: int, pad_id: int, side: str) -> list[int]:
         raise ValueError(f"sequence of {len(ids)} tokens exceeds the fixed length {length}")
     padding = [pad_id] * (length - len(ids))
     return padding + ids if side == "left" else ids + padding
-
-
-#: the columns of :func:`build_sft_example`'s and :func:`build_preference_example`'s examples
-SFT_COLUMNS = ("query_ids", "input_ids", "reference")
-PREFERENCE_COLUMNS = ("query_ids", "chosen_ids", "rejected_ids", "chosen_response_ids", "rejected_response_ids", "batch", "confidence")
-
-
-def build_sft_example(
-    row: Mapping[str, Any], tokenizer: Any, query_length: int, response_length: int, max_length: int
-) -> Optional[dict[str, Any]]:
-    """One SFT example with the fixed shapes of recipe D7, or ``None`` when the reference is too long.
-
-    Returns:
-        ``query_ids`` (``query_length``, left-padded: the prompt for sampling), ``input_ids``
-        (``max_length``: unpadded query + reference completion, right-padded) and ``reference`` (text).
-    """
-    query = format_query_ids(tokenizer, row, query_length)
-    if row.get("summary") is None:
-        raise KeyError("missing field 'summary'")
-    response = completion_ids(tokenizer, row["summary"], leading_space=True)
-    if len(response) > response_length or len(query) + len(response) > max_length:
-        return None
-    pad_id = tokenizer.pad_token_id
-    return {
-        "query_ids": pad(query, query_length, pad_id, "left"),
-        "input_ids": pad(query + response, max_length, pad_id, "right"),
-        "reference": row["summary"],
-    }
-
-
-def comparison_problem(row: Mapping[str, Any]) -> Optional[str]:
-    """What is wrong with a comparison row's ``summaries`` (other than 2 entries, saying how many) or ``choice``
-    (not 0 or 1), or ``None``. Used on every line of a local file (file and line in the error) and in
-    :func:`build_preference_example`."""
-    summaries, choice = row.get("summaries"), row.get("choice")
-    if not isinstance(summaries, list) or len(summaries) != 2:
-        count = f"{len(summaries)} entries" if isinstance(summaries, list) else f"a {type(summaries).__name__}"
-        return f"field 'summaries' must hold exactly 2 summaries, got {count}"
-    if choice not in (0, 1) or isinstance(choice, bool):
-        return f"field 'choice' must be 0 or 1, got {choice!r}"
-    return None
-
-
-def build_preference_example(
-    row: Mapping[str, Any],
-    tokenizer: Any,
-    query_length: int,
-    response_length: int,
-    max_length: int,
-    cnndm_query_length: int = CNNDM_QUERY_LENGTH,
-    cnndm_max_length: Optional[int] = None,
-) -> Optional[dict[str, Any]]:
-    """One comparison as chosen/rejected sequences with the fixed shapes of recipe D7.
-
-    ``choice`` picks the chosen summary. When ``info`` has an ``article`` (CNN/DM), the CNN/DM template and the
-    budgets ``cnndm_query_length`` (D3: 1,919) and ``cnndm_max_length`` (``None`` = ``cnndm_query_length +
-    response_length``) replace ``query_length`` and ``max_length``.
-
-    Returns:
-        ``chosen_ids``/``rejected_ids`` (``max_length`` each: unpadded query + completion, right-padded),
-        ``query_ids`` (``query_length``, left-padded), ``chosen_response_ids``/``rejected_response_ids``
-        (``response_length`` each: the completion alone, right-padded; DPO appends them to ``query_ids``),
-        ``batch`` (str) and ``confidence`` (int, -1 when absent); ``None`` when a summary exceeds
-        ``response_length`` tokens.
-
-    Raises:
-        KeyError: naming a missing field. ValueError: for ``summaries`` with other than 2 entries (saying how many)
-        or a ``choice`` that is not 0 or 1. QueryTooLong: see :func:`format_query_ids`.
-    """
-    for key in ("info", "summaries", "choice"):
-        if row.get(key) is None:
-            raise KeyError(f"missing field '{key}'")
-    problem = comparison_problem(row)
-    if problem:
-        raise ValueError(problem)
-    choice = row["choice"]
-    texts = []
-    for summary in row["summaries"]:
-        if summary.get("text") is None:
-            raise KeyError("missing field 'summaries[].text'")
-        texts.append(summary["text"])
-    if is_cnndm(row["info"]):
-        query_length = cnndm_query_length
-        max_length = cnndm_max_length if cnndm_max_length is not None else cnndm_query_length + response_length
-    query = format_query_ids(tokenizer, row["info"], query_length)
-    chosen, rejected = (completion_ids(tokenizer, texts[index], leading_space=False) for index in (choice, 1 - choice))
-    if max(len(chosen), len(rejected)) > response_length or len(query) + max(len(chosen), len(rejected)) > max_length:
-        return None
-    pad_id = tokenizer.pad_token_id
-    confidence = (row.get("extra") or {}).get("confidence")
-    return {
-        "query_ids": pad(query, query_length, pad_id, "left"),
-        "chosen_ids": pad(query + chosen, max_length, pad_id, "right"),
-        "rejected_ids": pad(query + rejected, max_length, pad_id, "right"),
-        "chosen_response_ids": pad(chosen, response_length, pad_id, "right"),
-        "rejected_response_ids": pad(rejected, response_length, pad_id, "right"),
-        "batch": str(row.get("batch") or "unknown"),
-        "confidence": int(confidence) if confidence is not None else -1,
-    }
 
 
 def trim_padding(ids: torch.Tensor, pad_id: int, side: str) -> torch.Tensor:

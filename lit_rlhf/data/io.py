@@ -65,6 +65,29 @@ def validate_jsonl(path: Path, required: Iterable[str], check: Optional[Callable
     return count
 
 
+def first_row(path: Path) -> dict:
+    """The first JSON object of a JSONL file (for format detection).
+
+    Raises:
+        FileNotFoundError: naming the path, when it is missing.
+        ValueError: naming the file and line for a first record that is not a JSON object, or the file when empty.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise ValueError(f"{path}:{number}: malformed JSON or not UTF-8 ({error})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            return row
+    raise ValueError(f"data file {path} is empty")
+
+
 def looks_like_hub_name(source: str) -> bool:
     """Whether ``source`` has the form of a hub dataset name: ``name`` or ``owner/name``, no path syntax."""
     parts = source.split("/")

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from lit_rlhf.algorithms import INVALID_LOGPROB, last_token_index, logprobs_from_logits
+from lit_rlhf.algorithms import INVALID_LOGPROB, is_stop, last_token_index, logprobs_from_logits
+from lit_rlhf.algorithms.core import StopIds
 from lit_rlhf.models.parallel import gathered_for_generation, is_sharded
 
 
@@ -207,13 +208,16 @@ def shared_prefix_scores(
 
 @torch.no_grad()
 def generate(
-    model: Any, queries: torch.Tensor, pad_token_id: int, eos_token_id: int, max_new_tokens: int, temperature: float
+    model: Any, queries: torch.Tensor, pad_token_id: int, eos_token_id: StopIds, max_new_tokens: int, temperature: float
 ) -> torch.Tensor:
-    """Sample exactly ``max_new_tokens`` tokens after each left-padded query (recipe P2).
+    """Sample up to ``max_new_tokens`` tokens after each left-padded query, ``(B, T)`` with ``T = max_new_tokens``
+    (recipe P2, W4).
 
-    EOS may be sampled at any step and is never suppressed; tokens after the first EOS are replaced later by
-    :func:`~lit_rlhf.algorithms.truncate_after_eos` (P3). When every row has sampled EOS before ``T`` tokens,
-    transformers stops early; the rows are then right-padded with ``pad_token_id`` to ``T`` (the same after P3).
+    EOS (any of several stop ids: EOS and a chat template's end-of-turn token,
+    :func:`~lit_rlhf.models.loading.stop_token_ids`) may be sampled at any step and is never suppressed; a row that
+    sampled one gets filler tokens after it, which :func:`~lit_rlhf.algorithms.truncate_after_eos` replaces by PAD (P3).
+    When every row has sampled a stop id before ``T`` tokens, generation stops; the rows are then right-padded with
+    ``pad_token_id`` to ``T`` (the same after P3).
 
     Under FSDP2 or ZeRO-3 the parameters are gathered once for the whole call
     (:func:`~lit_rlhf.models.parallel.gathered_for_generation`). An unsharded model under autocast samples from a
@@ -238,7 +242,7 @@ def generate(
         temperature=temperature + 1e-7,
         top_k=0,
         top_p=1.0,
-        eos_token_id=None,
+        eos_token_id=[int(token) for token in torch.as_tensor(eos_token_id).flatten()],
         pad_token_id=0,
     )
     # position_ids are rebuilt from the attention mask inside generate; pass ids with pads replaced. A sharded model
@@ -258,9 +262,9 @@ def generate(
         )
     responses = output[:, queries.size(1) :]
     if responses.size(1) < max_new_tokens:
-        # transformers fills unset settings from the model's generation config, EOS included, and stops once every
-        # row has sampled it; what would follow the first EOS is replaced by PAD anyway (P3): pad to T
-        if not (responses == eos_token_id).any(dim=1).all():
+        # transformers stops once every row has sampled a stop id; what would follow it is replaced by PAD anyway
+        # (P3): pad to T
+        if not is_stop(responses, eos_token_id).any(dim=1).all():
             raise RuntimeError(f"generate returned {responses.size(1)} tokens instead of {max_new_tokens} with a row lacking EOS")
         responses = torch.nn.functional.pad(responses, (0, max_new_tokens - responses.size(1)), value=pad_token_id)
     return responses

@@ -147,16 +147,63 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and give it a ``[PAD]`` token distinct from EOS (recipe D6).
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special token(s) a chat template ends an assistant turn with (``<|im_end|>``, Llama 3's ``<|eot_id|>``,
+    Gemma's ``<end_of_turn>``), found by rendering a one-exchange conversation; ``[]`` without a chat template.
 
-    The PAD id may lie outside the model's embedding matrix: the embedding is **not** resized. Callers
-    replace pad ids before the forward pass (see :func:`lit_rlhf.models.forward.model_inputs`).
+    The first special token after the assistant's content is the end of the turn.
     """
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if getattr(tokenizer, "chat_template", None) is None:
+        return []
+    user = [{"role": "user", "content": "Hi"}]
+    try:
+        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False)
+        full = tokenizer.apply_chat_template(
+            [*user, {"role": "assistant", "content": "Hello"}], tokenize=True, return_dict=False
+        )
+    except Exception:  # noqa: BLE001 - a template that cannot render this exchange has no end of turn we can find
+        return []
+    special = set(tokenizer.all_special_ids)
+    return next(([token] for token in full[len(prompt):] if token in special), [])
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a response: EOS, the chat template's end-of-turn token, and the model's generation-config EOS
+    ids (:func:`load_tokenizer` records those), deduplicated, EOS first.
+
+    Generation stops at any of them; a response is cut after its first one (recipe P3) and the reward model reads its
+    score there (R3, W1); a response without one is penalised as a response without EOS.
+    """
+    cached = getattr(tokenizer, "lit_rlhf_stop_ids", None)
+    if cached is not None:
+        return list(cached)
+    ids = [tokenizer.eos_token_id, *end_of_turn_ids(tokenizer), *getattr(tokenizer, "lit_rlhf_generation_eos", [])]
+    stops = list(dict.fromkeys(token for token in ids if token is not None))
+    tokenizer.lit_rlhf_stop_ids = tuple(stops)
+    return stops
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure its pad token is distinct from every stop id (recipe D6, W1).
+
+    A tokenizer without a pad token, or whose pad token is EOS or an end-of-turn token (SmolLM2: ``<|im_end|>``), gets a
+    new ``[PAD]`` token; a tokenizer's own distinct pad token is kept. The PAD id may lie outside the model's embedding
+    matrix: the embedding is **not** resized. Callers replace pad ids before the forward pass (see
+    :func:`lit_rlhf.models.forward.model_inputs`). The model directory's ``generation_config.json`` EOS ids join the
+    stop ids (:func:`stop_token_ids`).
+
+    Raises:
+        ValueError: when the tokenizer has no EOS token.
+    """
+    path = resolve_model_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer of {name_or_path} has no EOS token")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+    generation_config = Path(path) / "generation_config.json"
+    if generation_config.is_file():
+        eos = json.loads(generation_config.read_text(encoding="utf-8")).get("eos_token_id")
+        tokenizer.lit_rlhf_generation_eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in stop_token_ids(tokenizer):
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.padding_side = "left"
     return tokenizer
