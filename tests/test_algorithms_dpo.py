@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lit_rlhf.algorithms import dpo_loss, select_pairs
+from lit_rlhf.algorithms import chosen_nll, dpo_loss, preference_pairs, select_pairs
+from lit_rlhf.stages.common import lr_factor
 
 # policy/ref summed logprobs of one pair: chosen log-ratio +1, rejected log-ratio -1, so h = 2 nats
 PAIR = (torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.0]))
@@ -78,3 +79,43 @@ def test_best_vs_random_draws_uniformly_among_the_others():
 def test_select_pairs_rejects_bad_input(scores, strategy):
     with pytest.raises(ValueError):
         select_pairs(scores, strategy)
+
+
+def test_online_pairs_drop_ties_and_identical_responses_with_the_character_penalty():
+    # 3 prompts x K = 3; RLHFlow's concise setting: 0.001 reward per character (their Eq. 9, recipe W5)
+    scores = torch.tensor([[0.50, 0.90, 0.20], [0.30, 0.30, 0.30], [1.00, 0.40, 0.70]])
+    chars = torch.tensor([[100, 600, 100], [50, 80, 20], [400, 100, 100]])
+    # ranking = score - 0.001 * chars: [0.40, 0.30, 0.10], [0.25, 0.22, 0.28], [0.60, 0.30, 0.60]
+    responses = torch.tensor([[5, 6, 2], [7, 2, 0], [8, 8, 2], [9, 2, 0], [4, 2, 0], [3, 3, 2], [1, 2, 0], [5, 2, 0], [1, 2, 0]])
+    chosen, rejected, ties, identical = preference_pairs(scores, responses, lengths=chars, length_penalty=0.001)
+    # prompt 0: best 0 (0.40, not the top score 0.90 of 600 characters), worst 2; prompt 1: best 2, worst 1;
+    # prompt 2: best 0 and 2 tie at 0.60 -> argmax takes 0, worst 1 (0.30): a real pair, but rows 6 and 7 differ
+    assert chosen.tolist() == [0, 5, 6] and rejected.tolist() == [2, 4, 7]
+    assert ties.tolist() == [False, False, False] and identical.tolist() == [False, False, False]
+    # without the penalty prompt 1 is a tie (all 0.30) and prompt 2 pairs rows 6 and 7
+    chosen, rejected, ties, identical = preference_pairs(scores, responses)
+    assert ties.tolist() == [False, True, False] and chosen.tolist() == [1, 6] and rejected.tolist() == [2, 7]
+    # the same tokens under different scores (identical responses, e.g. from two temperatures) are dropped
+    same = responses.clone()
+    same[7] = same[6]
+    chosen, rejected, ties, identical = preference_pairs(scores, same)
+    assert identical.tolist() == [False, False, True] and chosen.tolist() == [1] and rejected.tolist() == [2]
+
+
+def test_chosen_nll_is_the_mean_per_token_negative_logprob():
+    assert chosen_nll(torch.tensor([-6.0, -2.0]), torch.tensor([3, 4])).item() == pytest.approx((2.0 + 0.5) / 2)
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine():
+    # recipe W6: cosine, warm-up 0.03; 100 steps -> 3 warm-up steps at 1/4, 2/4, 3/4, then a cosine from 1 to 0
+    factors = [lr_factor(step, 100, "cosine", 0.03) for step in range(100)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert factors[3 + 97 // 2] == pytest.approx(0.5 * (1 + math.cos(math.pi * (97 // 2) / 97)))
+    assert factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 96 / 97))) and factors[-1] < 1e-3
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
+    assert lr_factor(7, 10, "constant", 0.5) == 1.0
+    # without warm-up: cosine and linear to 0 over the run (SFT, RM, DPO; PPO's P8), held at 0 past the end
+    assert [lr_factor(step, 4, "cosine") for step in (0, 2, 4, 9)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert [lr_factor(step, 4, "linear") for step in (0, 1, 4, 9)] == pytest.approx([1.0, 0.75, 0.0, 0.0])
+    with pytest.raises(ValueError, match="unknown schedule 'step'"):
+        lr_factor(0, 4, "step")

@@ -328,8 +328,10 @@ def test_rollout_eos_truncation_penalty_and_whitening(ppo_module, queries, monke
     real_generate = ppo_stage.generate
     raw = {}
 
-    def generate_with_eos(model, query_ids, pad_token_id, eos_token_id, max_new_tokens, temperature):
-        responses = real_generate(model, query_ids, pad_token_id, eos_token_id, max_new_tokens, temperature)
+    def generate_with_eos(model, query_ids, pad_token_id, stop_ids, max_new_tokens, temperature):
+        assert stop_ids == [ppo_module.tokenizer.eos_token_id]  # every stop id: SmolLM2's EOS is its end of turn
+        eos_token_id = stop_ids[0]
+        responses = real_generate(model, query_ids, pad_token_id, stop_ids, max_new_tokens, temperature)
         assert responses.shape == (query_ids.size(0), max_new_tokens)  # exactly response_length tokens (P2)
         responses = responses.masked_fill(responses == eos_token_id, 5)  # only the EOS placed below
         responses[0, 3] = eos_token_id  # EOS in the middle
@@ -431,14 +433,18 @@ def test_identical_models_and_validation_scores_with_the_query_shared(tiny_model
     reward_model = ScalarModel.load(str(tiny_reward_dir))
     pad = tokenizer.pad_token_id
     queries = torch.tensor([[pad, pad, 11, 12, 13], [21, 22, 23, 24, 25], [pad, pad, pad, pad, 31]])
-    references = ["a short one", "another reference summary", "x"]
+    references = ["a short one", "another reference summary"]  # the third prompt has none
+    reference_ids = [[*tokenizer.encode(" " + text, add_special_tokens=False), tokenizer.eos_token_id] for text in references]
+    padded = torch.full((3, max(map(len, reference_ids))), pad)
+    for row, ids in enumerate(reference_ids):
+        padded[row, : len(ids)] = torch.tensor(ids)
     torch.manual_seed(5)
-    sample = sample_and_score(reference, reward_model, queries, tokenizer, 6, 0.7, references=references)
+    sample = sample_and_score(reference, reward_model, queries, tokenizer, 6, 0.7, reference_ids=padded)
     torch.manual_seed(5)
     alone = sample_and_score(reference, reward_model, queries, tokenizer, 6, 0.7)
     assert torch.equal(sample["responses"], alone["responses"])
     torch.testing.assert_close(sample["scores"], alone["scores"], rtol=0, atol=1e-5)  # each query once vs whole rows
-    reference_ids = [[*tokenizer.encode(" " + text, add_special_tokens=False), tokenizer.eos_token_id] for text in references]
     for row, ids in enumerate(reference_ids):
         whole = sequence_scores(reward_model, torch.cat([queries[row], torch.tensor(ids)])[None], pad)
         torch.testing.assert_close(sample["reference_scores"][row : row + 1], whole, rtol=0, atol=1e-5)
+    assert sample["reference_scores"][2].isnan()  # no reference: no score, and no outcome against it

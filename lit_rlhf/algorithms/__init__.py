@@ -7,6 +7,7 @@ from lit_rlhf.algorithms.core import (
     entropy_from_logits,
     first_true_indices,
     gae_advantages,
+    is_stop,
     kl_penalty_rewards,
     last_token_index,
     logprobs_from_logits,
@@ -23,7 +24,7 @@ from lit_rlhf.algorithms.core import (
     sequence_cross_entropy,
     truncate_after_eos,
 )
-from lit_rlhf.algorithms.dpo import DPO_LOSS_TYPES, PAIR_STRATEGIES, dpo_loss, select_pairs
+from lit_rlhf.algorithms.dpo import DPO_LOSS_TYPES, PAIR_STRATEGIES, chosen_nll, dpo_loss, preference_pairs, select_pairs
 from lit_rlhf.algorithms.kl import KLController, adaptive_kl_coef
 from lit_rlhf.algorithms.ppo_max import RunningMoments, merge_moments, minibatch_advantages, normalize_scores
 
@@ -36,14 +37,17 @@ __all__ = [
     "adaptive_kl_coef",
     "PAIR_STRATEGIES",
     "RunningMoments",
+    "chosen_nll",
     "dpo_loss",
     "merge_moments",
     "minibatch_advantages",
     "normalize_scores",
+    "preference_pairs",
     "select_pairs",
     "entropy_from_logits",
     "first_true_indices",
     "gae_advantages",
+    "is_stop",
     "kl_penalty_rewards",
     "last_token_index",
     "logprobs_from_logits",

@@ -69,6 +69,21 @@ def dpo_loss(
     return losses.mean(), beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
+def chosen_nll(chosen_logprob_sums: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """The NLL term some iterative DPO variants add to the DPO loss (Pang et al. 2024, "Iterative Reasoning Preference
+    Optimization"; an option of RLHFlow's scripts, recipe W6): the chosen responses' negative log-likelihood per token,
+    averaged over the pairs.
+
+    Args:
+        chosen_logprob_sums: ``(B,)`` summed logprobs of the chosen responses under the policy (nats).
+        chosen_lengths: ``(B,)`` their token counts (> 0).
+
+    Returns:
+        scalar, nats per token.
+    """
+    return (-chosen_logprob_sums.float() / chosen_lengths.clamp(min=1).float()).mean()
+
+
 def select_pairs(
     scores: torch.Tensor,
     strategy: str = "best_vs_worst",
@@ -78,16 +93,17 @@ def select_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pick one chosen/rejected pair among K scored responses per prompt (online iterative DPO, recipe §3 step 3).
 
-    Responses are ranked by ``scores - length_penalty * lengths`` (the length-penalised variant when the penalty
-    is positive). ``"best_vs_worst"`` pairs the top response with the bottom one; ``"best_vs_random"`` pairs it
-    with a uniformly drawn other response. A pair whose two ranking values are equal is a tie and is dropped
-    (e.g. all K responses without EOS share the penalty score). Ties for the best place go to the lowest index.
+    Responses are ranked by ``scores - length_penalty * lengths`` (RLHFlow's length-penalised ranking, their Eq. 9 with
+    lengths in characters, recipe W5; the concise model uses 0.001). ``"best_vs_worst"`` ("max-min", the paper's best)
+    pairs the top response with the bottom one; ``"best_vs_random"`` pairs it with a uniformly drawn other response. A
+    pair whose two ranking values are equal is a tie and is dropped (e.g. all K responses without EOS share the penalty
+    score). Ties for the best place go to the lowest index.
 
     Args:
         scores: ``(P, K)`` reward-model scores of K responses for each of P prompts, K >= 2.
         strategy: ``"best_vs_worst"`` or ``"best_vs_random"``.
-        lengths: ``(P, K)`` response lengths in tokens; needed when ``length_penalty`` is non-zero.
-        length_penalty: reward units subtracted per token of length.
+        lengths: ``(P, K)`` response lengths (characters in recipe W5); needed when ``length_penalty`` is non-zero.
+        length_penalty: reward units subtracted per unit of length.
         generator: random source for ``"best_vs_random"``.
 
     Returns:
@@ -116,3 +132,31 @@ def select_pairs(
     rows = torch.arange(ranking.size(0), device=ranking.device)
     keep = ranking[rows, chosen] != ranking[rows, rejected]
     return chosen, rejected, keep
+
+
+def preference_pairs(
+    scores: torch.Tensor,
+    responses: torch.Tensor,
+    strategy: str = "best_vs_worst",
+    lengths: Optional[torch.Tensor] = None,
+    length_penalty: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pairs of one online-DPO iteration (recipe W5): :func:`select_pairs` per prompt, then the prompts whose pair is
+    a tie or whose two responses are the same tokens dropped.
+
+    Args:
+        scores: ``(P, K)`` reward-model scores of the K responses of each of P prompts.
+        responses: ``(P*K, T)`` the responses' token ids, prompt-major (row ``p*K + k``), padded alike.
+        strategy, lengths, length_penalty, generator: as :func:`select_pairs` (``lengths`` ``(P, K)``).
+
+    Returns:
+        ``(chosen_rows, rejected_rows, ties, identical)``: ``(N,)`` rows of ``responses`` of the N kept pairs, and two
+        ``(P,)`` bool masks of the dropped prompts (a tie; identical responses that are not a tie).
+    """
+    num_prompts, k = scores.shape
+    chosen, rejected, not_tie = select_pairs(scores, strategy, lengths, length_penalty, generator)
+    prompts = torch.arange(num_prompts, device=scores.device)
+    identical = (responses[prompts * k + chosen] == responses[prompts * k + rejected]).all(dim=1)  # (P,)
+    keep = not_tie & ~identical
+    return prompts[keep] * k + chosen[keep], prompts[keep] * k + rejected[keep], ~not_tie, not_tie & identical

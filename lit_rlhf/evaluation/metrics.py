@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 from torchmetrics import Metric
 
@@ -13,15 +15,17 @@ class GroupedAccuracy(Metric):
 
     States are concatenated across ranks by torchmetrics, so every rank computes the global figures.
 
-    ``update(correct, groups)``: ``correct`` ``(B,)`` bool, ``groups`` ``(B,)`` long.
+    ``update(correct, groups)``: ``correct`` ``(B,)`` bool (or floats: 0.5 for a tie), ``groups`` ``(B,)`` long.
     ``compute()``: ``{"all": accuracy, "all_low": ..., "all_high": ... (bootstrap 95% interval of the overall
-    accuracy, :func:`~lit_rlhf.evaluation.stats.mean_with_interval`), group_id: accuracy, ...}`` as 0-d tensors.
+    accuracy, :func:`~lit_rlhf.evaluation.stats.mean_with_interval`), group_id: accuracy, ...}`` as 0-d tensors; with
+    ``group_intervals`` also ``(group_id, "low")`` and ``(group_id, "high")``.
     """
 
     full_state_update = False
 
-    def __init__(self) -> None:
+    def __init__(self, group_intervals: bool = False) -> None:
         super().__init__()
+        self.group_intervals = group_intervals
         self.add_state("correct", default=[], dist_reduce_fx="cat")
         self.add_state("groups", default=[], dist_reduce_fx="cat")
 
@@ -35,21 +39,51 @@ class GroupedAccuracy(Metric):
         interval = mean_with_interval(correct.cpu())
         result = {"all": correct.mean(), "all_low": torch.tensor(interval["low"]), "all_high": torch.tensor(interval["high"])}
         for group in torch.unique(groups).tolist():
-            result[group] = correct[groups == group].mean()
+            values = correct[groups == group]
+            result[group] = values.mean()
+            if self.group_intervals:
+                interval = mean_with_interval(values.cpu())
+                result[(group, "low")], result[(group, "high")] = torch.tensor(interval["low"]), torch.tensor(interval["high"])
         return result
 
 
-def preference_accuracy(by_batch: GroupedAccuracy, by_confidence: GroupedAccuracy, batch_names: list[str], prefix: str = "val/") -> dict:
-    """Accuracy overall / per comparison ``batch`` / per labeller confidence as flat metric names (recipe R6).
+def preference_accuracy(
+    by_batch: GroupedAccuracy, by_confidence: GroupedAccuracy, batch_names: list[str], prefix: str = "val/",
+    by_source: Optional[GroupedAccuracy] = None, longer_by_source: Optional[GroupedAccuracy] = None, source_names: Sequence[str] = (),
+) -> dict:
+    """Accuracy overall / per comparison ``batch`` / per labeller confidence as flat metric names (recipe R6), and
+    per source of a mixture with the "longer answer wins" baseline beside it.
 
-    Used by the reward model (explicit reward) and DPO (implicit reward) alike. Resets both metrics.
+    Used by the reward model (explicit reward) and DPO (implicit reward) alike. Resets the metrics it reads.
+
+    Args:
+        by_source: accuracy per source index (into ``source_names``; built with ``group_intervals``), or ``None``.
+        longer_by_source: per source, whether the chosen response is the longer one (1, equal lengths 0.5), or ``None``.
 
     Returns:
         ``{prefix}accuracy`` with its bootstrap 95% interval ``{prefix}accuracy_low`` / ``_high``,
-        ``{prefix}accuracy_batch/{name}`` and ``{prefix}accuracy_confidence/{value}`` (0-d tensors).
+        ``{prefix}accuracy_batch/{name}`` and ``{prefix}accuracy_confidence/{value}``; with ``by_source``
+        ``{prefix}accuracy_source/{name}`` (and ``_low`` / ``_high``); with ``longer_by_source``
+        ``{prefix}longer_wins`` (overall, with ``_low`` / ``_high``) and ``{prefix}longer_wins_source/{name}`` (0-d
+        tensors).
     """
+    metrics = {}
+    name = lambda group: source_names[group] if group < len(source_names) else str(group)  # noqa: E731
+    for metric, key in ((by_source, "accuracy_source"), (longer_by_source, "longer_wins")):
+        if metric is None or not metric.update_count:
+            continue
+        figures = metric.compute()
+        if key == "longer_wins":
+            metrics.update({f"{prefix}longer_wins{end}": figures[f"all{end}"] for end in ("", "_low", "_high")})
+            key = "longer_wins_source"
+        for group, value in figures.items():
+            if isinstance(group, int):
+                metrics[f"{prefix}{key}/{name(group)}"] = value
+            elif isinstance(group, tuple):  # (group, "low" / "high")
+                metrics[f"{prefix}{key}/{name(group[0])}_{group[1]}"] = value
+        metric.reset()
     per_batch, per_confidence = by_batch.compute(), by_confidence.compute()
-    metrics = {f"{prefix}accuracy": per_batch.pop("all")}
+    metrics[f"{prefix}accuracy"] = per_batch.pop("all")
     metrics.update({f"{prefix}accuracy_{end}": per_batch.pop(f"all_{end}") for end in ("low", "high")})
     for key in ("all", "all_low", "all_high"):
         per_confidence.pop(key)

@@ -16,7 +16,7 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch import nn
 
 from lit_rlhf.algorithms import truncate_after_eos
-from lit_rlhf.models.loading import load_causal_lm
+from lit_rlhf.models.loading import load_causal_lm, stop_token_ids
 from lit_rlhf.models.lora import AdaptersDisabled, LoRA, add_lora, is_peft, save_lora_model
 from lit_rlhf.models.parallel import (
     deepspeed_engine,
@@ -28,38 +28,57 @@ from lit_rlhf.models.parallel import (
     shard_model,
 )
 
+#: learning-rate schedules (:func:`lr_factor`)
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def lr_factor(step: int, total_steps: int, schedule: str, warmup_ratio: float = 0.0) -> float:
+    """The learning-rate multiplier at optimiser step ``step`` (0-based) of ``total_steps``.
+
+    A linear warm-up over the first ``ceil(warmup_ratio * total_steps)`` steps (``(step + 1) / (warmup + 1)``, so that no
+    step runs at 0), then ``"cosine"`` to 0 (SFT, RM, DPO; with warm-up 0.03 Hugging Face's
+    ``get_cosine_schedule_with_warmup`` that RLHFlow's RM and DPO runs use, recipe W1, W6), ``"linear"`` to 0 (PPO, recipe
+    P8) or ``"constant"`` (no warm-up either). Steps past ``total_steps`` keep the last value.
+
+    Raises:
+        ValueError: for an unknown schedule.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule '{schedule}' ({', '.join(SCHEDULES)})")
+    if schedule == "constant":
+        return 1.0
+    total = max(1, int(total_steps))
+    warmup = math.ceil(warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    done, span = min(step - warmup, total - warmup), max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * done / span)) if schedule == "cosine" else max(0.0, 1.0 - done / span)
+
 
 def adamw_with_schedule(
-    parameters: Iterable[nn.Parameter], lr: float, eps: float, weight_decay: float, total_steps: int, schedule: str
+    parameters: Iterable[nn.Parameter], lr: float, eps: float, weight_decay: float, total_steps: int, schedule: str,
+    warmup_ratio: float = 0.0,
 ) -> dict[str, Any]:
-    """AdamW and a per-step schedule without warm-up, as Lightning's ``configure_optimizers`` returns them.
+    """AdamW and a per-step schedule (:func:`lr_factor`), as Lightning's ``configure_optimizers`` returns them.
 
     Args:
-        schedule: ``"cosine"`` (SFT, RM, DPO: cosine to 0), ``"linear"`` (PPO, recipe P8: linear to 0) or
-            ``"constant"``.
+        schedule: ``"cosine"``, ``"linear"`` or ``"constant"``.
         total_steps: optimiser steps over the run.
+        warmup_ratio: the fraction of them that warms up linearly.
 
     Raises:
         ValueError: for an unknown schedule.
     """
     params = [p for p in parameters if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=weight_decay)
-    total = max(1, int(total_steps))
-    if schedule == "cosine":
-        factor = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
-    elif schedule == "linear":
-        factor = lambda step: max(0.0, 1.0 - step / total)  # noqa: E731
-    elif schedule == "constant":
-        factor = lambda step: 1.0  # noqa: E731
-    else:
-        raise ValueError(f"unknown schedule '{schedule}' (cosine, linear, constant)")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    lr_factor(0, total_steps, schedule)  # validates the name
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, schedule, warmup_ratio))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def decode_responses(tokenizer: Any, responses: torch.Tensor) -> list[str]:
-    """Text of each response up to and excluding its first EOS (``(B, T)`` ids -> B strings)."""
-    truncated = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    """Text of each response up to and excluding its first stop token (EOS, end of turn) (``(B, T)`` ids -> B strings)."""
+    truncated = truncate_after_eos(responses, stop_token_ids(tokenizer), tokenizer.pad_token_id)
     return [text.strip() for text in tokenizer.batch_decode(truncated, skip_special_tokens=True)]
 
 
@@ -67,6 +86,26 @@ def decode_query(tokenizer: Any, query_ids: torch.Tensor, max_chars: int = 300) 
     """Readable tail of a left-padded query for sample tables (the post's end and ``TL;DR:``)."""
     text = tokenizer.decode(query_ids, skip_special_tokens=True)
     return text if len(text) <= max_chars else "…" + text[-max_chars:]
+
+
+def group_names(module: L.LightningModule) -> dict[str, list[str]]:
+    """``batch_names`` and ``source_names`` of the module's DataModule (empty without one), for
+    :func:`~lit_rlhf.evaluation.metrics.preference_accuracy`."""
+    datamodule = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
+    return {key: getattr(datamodule, key, []) for key in ("batch_names", "source_names")}
+
+
+def update_source_accuracy(module: L.LightningModule, batch: dict[str, Any], correct: torch.Tensor) -> None:
+    """Per source of a preference batch: whether each pair was ranked right (``module.by_source``) and whether the
+    chosen response is the longer one (``module.longer_by_source``, equal lengths 0.5: the "longer answer wins"
+    baseline). Batches without ``source`` are skipped."""
+    if "source" not in batch:
+        return
+    pad = module.tokenizer.pad_token_id
+    lengths = [(batch[key] != pad).sum(1) for key in ("chosen_response_ids", "rejected_response_ids")]  # (B,) each
+    longer = (lengths[0] > lengths[1]).float() + 0.5 * (lengths[0] == lengths[1]).float()
+    module.by_source.update(correct, batch["source"])
+    module.longer_by_source.update(longer, batch["source"])
 
 
 def freeze_bottom_layers(model: nn.Module, trainable_layers: Optional[int]) -> nn.Module:
@@ -449,7 +488,9 @@ class StageModule(L.LightningModule):
         """AdamW over every trainable parameter (frozen models and blocks are left out), schedule per step."""
         hp = self.hparams
         total_steps = self.trainer.estimated_stepping_batches
-        return adamw_with_schedule(self.parameters(), hp.lr, hp.eps, hp.weight_decay, total_steps, self.schedule)
+        return adamw_with_schedule(
+            self.parameters(), hp.lr, hp.eps, hp.weight_decay, total_steps, self.schedule, hp.get("warmup_ratio", 0.0)
+        )
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)

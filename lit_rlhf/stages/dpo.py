@@ -16,7 +16,14 @@ from lit_rlhf.models.loading import load_tokenizer
 from lit_rlhf.models.lora import LoRA
 from lit_rlhf.models.parallel import is_sharded
 from lit_rlhf.models.trunk import FrozenTrunk, RowCache, row_keys
-from lit_rlhf.stages.common import StageModule, load_policy_and_reference, lora_hparam, lora_settings
+from lit_rlhf.stages.common import (
+    StageModule,
+    group_names,
+    load_policy_and_reference,
+    lora_hparam,
+    lora_settings,
+    update_source_accuracy,
+)
 
 
 def stack_pair(query_ids: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -55,6 +62,8 @@ class DPOModule(StageModule):
         lr: AdamW learning rate (N+ baseline 3e-6), cosine to 0.
         eps: AdamW epsilon (1e-5).
         weight_decay: AdamW weight decay (0.01, PyTorch's default, as in every N+ stage).
+        warmup_ratio: fraction of the optimiser steps that warm the learning rate up linearly before its cosine decay
+            (N+: 0; RLHFlow's reward model and DPO: 0.03, recipe W1, W6).
         trainable_layers: train only the top N blocks of the policy (``None`` = all).
         lora: train LoRA adapters (peft) on the frozen SFT model instead of all weights (``None`` = off); exclusive
             with ``trainable_layers``. The export merges them (``lora.merge_on_export``).
@@ -76,6 +85,7 @@ class DPOModule(StageModule):
         lr: float = 3e-6,
         eps: float = 1e-5,
         weight_decay: float = 0.01,
+        warmup_ratio: float = 0.0,
         trainable_layers: Optional[int] = None,
         lora: Optional[LoRA] = None,
         trunk_cache: bool = True,
@@ -86,7 +96,7 @@ class DPOModule(StageModule):
             type(self).__name__, locals(),
             positive=("lr", "eps", "beta"),
             non_negative=("weight_decay", "trainable_layers"),
-            fraction=("label_smoothing",),
+            fraction=("label_smoothing", "warmup_ratio"),
         )
         self.lora = lora_settings(type(self).__name__, lora, trainable_layers)
         self.save_hyperparameters()
@@ -94,6 +104,7 @@ class DPOModule(StageModule):
         dpo_loss(*torch.zeros(4, 1), beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)  # validate early
         self.strict_loading = False  # checkpoints leave out the reference policy
         self.by_batch, self.by_confidence = GroupedAccuracy(), GroupedAccuracy()
+        self.by_source, self.longer_by_source = GroupedAccuracy(group_intervals=True), GroupedAccuracy()
         self.chosen_reward, self.rejected_reward, self.val_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.policy: Any = None
         self.tokenizer: Any = None
@@ -165,12 +176,13 @@ class DPOModule(StageModule):
         self.val_loss.update(loss, weight=chosen.numel())
         self.by_batch.update(chosen > rejected, batch["batch"])
         self.by_confidence.update(chosen > rejected, batch["confidence"])
+        update_source_accuracy(self, batch, chosen > rejected)
         self.chosen_reward.update(chosen)
         self.rejected_reward.update(rejected)
 
     def on_validation_epoch_end(self) -> None:
-        names = getattr(getattr(self.trainer, "datamodule", None), "batch_names", [])
-        metrics = preference_accuracy(self.by_batch, self.by_confidence, names)
+        metrics = preference_accuracy(self.by_batch, self.by_confidence, **group_names(self), by_source=self.by_source,
+                                      longer_by_source=self.longer_by_source)
         chosen, rejected = self.chosen_reward.compute(), self.rejected_reward.compute()
         metrics.update({"val/loss": self.val_loss.compute(), "val/chosen_reward": chosen, "val/rejected_reward": rejected,
                         "val/reward_margin": chosen - rejected})

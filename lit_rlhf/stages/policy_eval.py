@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import CatMetric, MeanMetric
 
-from lit_rlhf.algorithms import penalize_missing_eos, truncate_after_eos
-from lit_rlhf.data.formatting import completion_ids
-from lit_rlhf.data.formatting import pad as pad_row
+from lit_rlhf.algorithms import is_stop, penalize_missing_eos, truncate_after_eos
 from lit_rlhf.evaluation.stats import mean_with_interval, pairwise_outcomes
 from lit_rlhf.models.forward import generate, response_logprobs, sequence_scores, shared_prefix_scores
+from lit_rlhf.models.loading import stop_token_ids
 from lit_rlhf.models.parallel import is_sharded
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.models.trunk import FrozenTrunk
@@ -41,42 +40,47 @@ def sample_and_score(
     truncate: bool = True,
     non_eos_penalty: bool = True,
     penalty_reward_value: float = -1.0,
-    references: Optional[list[str]] = None,
+    reference_ids: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
     """Sample one response per query and score it with the reward model (recipe P2, P3, R3).
 
     Args:
         reward_model: a scalar model, or ``None`` to sample only (no ``scores`` in the result).
         queries: ``(B, Q)`` left-padded query ids.
-        truncate: replace tokens after the first EOS by PAD before scoring (P3).
-        non_eos_penalty: a response without EOS scores ``penalty_reward_value`` (P3).
-        references: the B reference summaries, scored after the same queries (``reference_scores``), tokenised as SFT
-            completions (" " + summary + EOS, recipe D5); each query then runs once for both
-            (:func:`shared_query_scores`).
+        truncate: replace tokens after the first stop token (EOS, end of turn) by PAD before scoring (P3).
+        non_eos_penalty: a response without a stop token scores ``penalty_reward_value`` (P3).
+        reference_ids: ``(B, R)`` the reference answers rendered as responses (right-padded, the batch's
+            ``reference_ids``; a row of pads has no reference), scored after the same queries (``reference_scores``);
+            each query then runs once for both (:func:`shared_query_scores`).
 
     Returns:
         ``responses`` ``(B, T)`` (raw samples), ``postprocessed`` ``(B, T)``, ``query_responses`` ``(B, Q+T)``,
         ``scores`` ``(B,)``, ``contains_eos`` ``(B,)`` bool and ``lengths`` ``(B,)`` (real response tokens); with
-        ``references`` also ``reference_scores`` ``(B,)`` (float32, no EOS penalty: every reference ends with EOS).
+        ``reference_ids`` also ``reference_scores`` ``(B,)`` (float32, no EOS penalty; NaN where a row has no reference).
     """
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    responses = generate(policy, queries, pad, eos, response_length, temperature)
-    postprocessed = truncate_after_eos(responses, eos, pad) if truncate else responses
+    pad, stops = tokenizer.pad_token_id, stop_token_ids(tokenizer)
+    responses = generate(policy, queries, pad, stops, response_length, temperature)
+    postprocessed = truncate_after_eos(responses, stops, pad) if truncate else responses
     query_responses = torch.cat([queries, postprocessed], dim=1)
     sample = {
         "responses": responses, "postprocessed": postprocessed, "query_responses": query_responses,
-        "contains_eos": (postprocessed == eos).any(dim=1), "lengths": (postprocessed != pad).sum(1),
+        "contains_eos": is_stop(postprocessed, stops).any(dim=1), "lengths": (postprocessed != pad).sum(1),
     }
     if reward_model is None:
         return sample
-    if references is None:
+    has_reference = (reference_ids != pad).any(dim=1) if reference_ids is not None else None
+    if has_reference is None or not bool(has_reference.any()):
         scores = sequence_scores(reward_model, query_responses, pad)
     else:
-        rows = [completion_ids(tokenizer, text, leading_space=True) for text in references]
-        width = max(len(row) for row in rows)
-        reference_ids = torch.tensor([pad_row(row, width, pad, "right") for row in rows], device=queries.device)
-        scores, sample["reference_scores"] = shared_query_scores(reward_model, queries, [postprocessed, reference_ids], pad)
-    sample["scores"] = penalize_missing_eos(scores, postprocessed, eos, penalty_reward_value) if non_eos_penalty else scores
+        rows = has_reference.nonzero().squeeze(1)
+        scores, reference_scores = shared_query_scores(reward_model, queries[rows], [postprocessed[rows], reference_ids[rows]], pad)
+        if rows.numel() < queries.size(0):  # the rows without a reference: their responses alone
+            others = (~has_reference).nonzero().squeeze(1)
+            scores = torch.empty(queries.size(0), device=queries.device).index_copy_(0, rows, scores).index_copy_(
+                0, others, sequence_scores(reward_model, query_responses[others], pad))
+            reference_scores = torch.full_like(scores, float("nan")).index_copy_(0, rows, reference_scores)
+        sample["reference_scores"] = reference_scores
+    sample["scores"] = penalize_missing_eos(scores, postprocessed, stops, penalty_reward_value) if non_eos_penalty else scores
     return sample
 
 
@@ -166,7 +170,9 @@ class PolicyValidation:
 
     def init_policy_validation(self) -> None:
         self.val_scores, self.val_kl, self.val_length, self.val_eos = MeanMetric(), MeanMetric(), MeanMetric(), MeanMetric()
-        self.val_outcomes = CatMetric()  # per prompt: 1 the response beats the reference summary, 0.5 tie, 0 loss
+        # per prompt with a reference: 1 the response beats the reference, 0.5 tie, 0 loss (NaN rows: no reference)
+        self.val_outcomes = CatMetric(nan_strategy="ignore")
+        self.val_groups = CatMetric()  # per prompt: its source index and its score, for the per-source means
         self.validation_samples: list[dict[str, Any]] = []
         self.reference_is_policy = False  # set per validation run (identical_models)
 
@@ -187,7 +193,7 @@ class PolicyValidation:
             torch.manual_seed(hp.seed + batch_idx + self.global_rank * RANK_SEED_STRIDE)
             sample = sample_and_score(
                 self.policy, self.reward_model, queries, tok, hp.response_length, temperature,
-                hp.truncate_after_eos, hp.non_eos_penalty, hp.penalty_reward_value, batch["reference"],
+                hp.truncate_after_eos, hp.non_eos_penalty, hp.penalty_reward_value, batch.get("reference_ids"),
             )
         self.val_scores.update(sample["scores"])
         if self.reference_is_policy:  # the SFT policy against itself: KL 0 without running both models
@@ -197,7 +203,10 @@ class PolicyValidation:
                                          temperature, self.policy_trunk))
         self.val_length.update(sample["lengths"].float())
         self.val_eos.update(sample["contains_eos"].float())
-        self.val_outcomes.update(pairwise_outcomes(sample["scores"].float(), sample["reference_scores"]))
+        if "reference_scores" in sample:
+            self.val_outcomes.update(pairwise_outcomes(sample["scores"].float(), sample["reference_scores"]))
+        if "source" in batch:
+            self.val_groups.update(torch.stack([batch["source"].float(), sample["scores"].float()], dim=1))
         texts = decode_responses(tok, sample["responses"])
         for row in range(len(texts)):
             if len(self.validation_samples) < hp.num_samples:
@@ -213,7 +222,18 @@ class PolicyValidation:
         }
         self.log_dict({key: metric.compute() for key, metric in metrics.items()})
         self.log("eval/temperature", float(self.hparams.eval_temperature))  # read by the quickstart summary
-        win_rate = mean_with_interval(self.val_outcomes.compute().cpu())  # every rank: the gathered outcomes
-        self.log_dict({"eval/win_rate": win_rate["mean"], "eval/win_rate_low": win_rate["low"], "eval/win_rate_high": win_rate["high"]})
-        for metric in (*metrics.values(), self.val_outcomes):
+        if self.val_outcomes.update_count:  # every rank: the gathered outcomes (none without reference answers)
+            outcomes = self.val_outcomes.compute().cpu()
+            if outcomes.numel():
+                win_rate = mean_with_interval(outcomes)
+                self.log_dict({"eval/win_rate": win_rate["mean"], "eval/win_rate_low": win_rate["low"],
+                               "eval/win_rate_high": win_rate["high"]})
+        names = getattr(getattr(self.trainer, "datamodule", None), "source_names", [])
+        if self.val_groups.update_count and len(names) > 1:  # a mixture of prompt sets: the mean score per source
+            groups = self.val_groups.compute().view(-1, 2)
+            for index, name in enumerate(names):
+                chosen = groups[:, 0] == index
+                if chosen.any():
+                    self.log(f"eval/scores_source/{name}", groups[chosen, 1].mean())
+        for metric in (*metrics.values(), self.val_outcomes, self.val_groups):
             metric.reset()

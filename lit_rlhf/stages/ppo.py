@@ -19,6 +19,7 @@ from lit_rlhf.algorithms import (
     RunningMoments,
     first_true_indices,
     gae_advantages,
+    is_stop,
     kl_penalty_rewards,
     masked_mean,
     masked_whiten,
@@ -34,7 +35,7 @@ from lit_rlhf.algorithms import (
 )
 from lit_rlhf.arguments import check_arguments, require
 from lit_rlhf.models.forward import generate, model_inputs, response_logprobs, sequence_scores
-from lit_rlhf.models.loading import load_tokenizer
+from lit_rlhf.models.loading import load_tokenizer, stop_token_ids
 from lit_rlhf.models.lora import AdaptersDisabled, LoRA, add_lora
 from lit_rlhf.models.parallel import accumulation_boundary, deepspeed_engine
 from lit_rlhf.models.scalar import ScalarModel
@@ -286,7 +287,7 @@ class PPOModule(PolicyValidation, StageModule):
             frozen trunks also ``policy_hidden`` / ``value_hidden`` ``(B, Q+T, H)``, reused by every PPO epoch.
         """
         hp, tok = self.hparams, self.tokenizer
-        pad, eos, context_length = tok.pad_token_id, tok.eos_token_id, queries.size(1)
+        pad, eos, context_length = tok.pad_token_id, stop_token_ids(tok), queries.size(1)  # eos: every stop id
         # 1. rollout: exactly `response_length` tokens, EOS does not stop sampling (P2)
         responses = generate(self.policy, queries, pad, eos, hp.response_length, hp.temperature)  # (B, T)
         # 2. response processing: truncate after the first EOS (P3)
@@ -460,7 +461,7 @@ class PPOModule(PolicyValidation, StageModule):
             "val/clipfrac": mean("vf_clipfrac"),
             "val/ratio": mean("ratio"),
             "val/ratio_var": mean("ratio_var"),
-            "val/num_eos_tokens": (data["responses"] == self.tokenizer.eos_token_id).sum().float(),
+            "val/num_eos_tokens": is_stop(data["responses"], stop_token_ids(self.tokenizer)).sum().float(),
             "objective/response_length": mask.sum(1).float().mean(),
             # PPO-max monitoring: perplexity of the responses under the sampling distribution (temperature-scaled, P4)
             "objective/perplexity": torch.exp(masked_mean(-data["logprobs"], mask)),

@@ -18,7 +18,14 @@ from lit_rlhf.models.lora import LoRA, add_lora
 from lit_rlhf.models.parallel import is_sharded
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.models.trunk import FrozenTrunk
-from lit_rlhf.stages.common import StageModule, freeze_bottom_layers, lora_hparam, lora_settings
+from lit_rlhf.stages.common import (
+    StageModule,
+    freeze_bottom_layers,
+    group_names,
+    lora_hparam,
+    lora_settings,
+    update_source_accuracy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,8 @@ class RewardModule(StageModule):
         lr: AdamW learning rate (recipe R4: 3e-6), cosine to 0.
         eps: AdamW epsilon (1e-5).
         weight_decay: AdamW weight decay (0.01, PyTorch's default, as in every N+ stage).
+        warmup_ratio: fraction of the optimiser steps that warm the learning rate up linearly before its cosine decay
+            (N+: 0; RLHFlow's reward model and DPO: 0.03, recipe W1, W6).
         normalize: compute the R5 bias after training.
         padding_rtol: tolerance of the R7 padding check (1e-2); a larger difference is logged as a warning.
         trainable_layers: train only the top N blocks plus the head (``None`` = all).
@@ -63,6 +72,7 @@ class RewardModule(StageModule):
         lr: float = 3e-6,
         eps: float = 1e-5,
         weight_decay: float = 0.01,
+        warmup_ratio: float = 0.0,
         normalize: bool = True,
         padding_rtol: float = 1e-2,
         trainable_layers: Optional[int] = None,
@@ -74,6 +84,7 @@ class RewardModule(StageModule):
             type(self).__name__, locals(),
             positive=("lr", "eps", "padding_rtol"),
             non_negative=("weight_decay", "trainable_layers"),
+            fraction=("warmup_ratio",),
         )
         self.lora = lora_settings(type(self).__name__, lora, trainable_layers)
         self.save_hyperparameters()
@@ -81,6 +92,7 @@ class RewardModule(StageModule):
         self.strict_loading = self.lora is None  # LoRA checkpoints leave out the frozen base weights
         self.by_batch = GroupedAccuracy()
         self.by_confidence = GroupedAccuracy()
+        self.by_source, self.longer_by_source = GroupedAccuracy(group_intervals=True), GroupedAccuracy()
         self.chosen_mean, self.rejected_mean = MeanMetric(), MeanMetric()
         self.reward_model: Any = None
         self.tokenizer: Any = None
@@ -134,6 +146,7 @@ class RewardModule(StageModule):
         self.log("val/loss", pairwise_reward_loss(chosen, rejected), sync_dist=True, batch_size=chosen.size(0))
         self.by_batch.update(correct, batch["batch"])
         self.by_confidence.update(correct, batch["confidence"])
+        update_source_accuracy(self, batch, correct)
         self.chosen_mean.update(chosen)
         self.rejected_mean.update(rejected)
         if batch_idx == 0:
@@ -159,8 +172,8 @@ class RewardModule(StageModule):
         return gap.item()
 
     def on_validation_epoch_end(self) -> None:
-        names = getattr(getattr(self.trainer, "datamodule", None), "batch_names", [])
-        metrics = preference_accuracy(self.by_batch, self.by_confidence, names)
+        metrics = preference_accuracy(self.by_batch, self.by_confidence, **group_names(self), by_source=self.by_source,
+                                      longer_by_source=self.longer_by_source)
         metrics["val/chosen_score"] = self.chosen_mean.compute()
         metrics["val/rejected_score"] = self.rejected_mean.compute()
         self.log_dict(metrics)

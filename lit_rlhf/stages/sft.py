@@ -10,7 +10,7 @@ from torchmetrics.text.rouge import ROUGEScore
 from lit_rlhf.algorithms import LOSS_NORMALIZATIONS, sequence_cross_entropy
 from lit_rlhf.arguments import check_arguments
 from lit_rlhf.models.forward import generate, model_inputs
-from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
+from lit_rlhf.models.loading import load_causal_lm, load_tokenizer, stop_token_ids
 from lit_rlhf.models.lora import LoRA, add_lora
 from lit_rlhf.stages.common import StageModule, decode_query, decode_responses, freeze_bottom_layers, lora_hparam, lora_settings
 
@@ -20,9 +20,11 @@ class SFTModule(StageModule):
 
     Args:
         model: base causal LM: hub name, local Hugging Face directory or ``smollm2-135m`` (packaged default).
-        lr: AdamW learning rate (recipe: 3e-6), cosine to 0 without warm-up.
+        lr: AdamW learning rate (recipe: 3e-6), cosine to 0 (after ``warmup_ratio``).
         eps: AdamW epsilon (recipe: 1e-5).
         weight_decay: AdamW weight decay (0.01, PyTorch's default, as N+).
+        warmup_ratio: fraction of the optimiser steps that warm the learning rate up linearly before its cosine decay
+            (N+: 0; RLHFlow's reward model and DPO: 0.03, recipe W1, W6).
         response_length: new tokens sampled for ROUGE (recipe: 53).
         temperature: sampling temperature for ROUGE samples (recipe: 0.01, near-greedy).
         rouge_batches: validation batches that also sample for ROUGE (``None`` = all, 0 = none).
@@ -47,6 +49,7 @@ class SFTModule(StageModule):
         lr: float = 3e-6,
         eps: float = 1e-5,
         weight_decay: float = 0.01,
+        warmup_ratio: float = 0.0,
         response_length: int = 53,
         temperature: float = 0.01,
         rouge_batches: Optional[int] = None,
@@ -61,6 +64,7 @@ class SFTModule(StageModule):
             type(self).__name__, locals(),
             positive=("lr", "eps", "response_length", "temperature"),
             non_negative=("weight_decay", "rouge_batches", "num_samples", "trainable_layers"),
+            fraction=("warmup_ratio",),
         )
         if loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got '{loss_normalization}'")
@@ -79,12 +83,15 @@ class SFTModule(StageModule):
         self.policy = add_lora(model, self.lora) if self.lora else freeze_bottom_layers(model, self.hparams.trainable_layers)
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Next-token cross-entropy over the batch's real tokens (or response tokens only), weighted per
-        ``loss_normalization``."""
+        """Next-token cross-entropy over the batch's ``loss_mask`` (the whole TL;DR sequence, a completion, every
+        assistant turn of a conversation; without one, every real token), and with ``response_only_loss`` over the
+        tokens after the query only, weighted per ``loss_normalization``."""
         pad = self.tokenizer.pad_token_id
         inputs = model_inputs(batch["input_ids"], pad)
         logits = self.policy(**inputs).logits  # (B, L, V)
         target_mask = inputs["attention_mask"].bool()  # (B, L)
+        if "loss_mask" in batch:
+            target_mask = target_mask & batch["loss_mask"].bool()
         if self.hparams.response_only_loss:
             query_lengths = (batch["query_ids"] != pad).sum(1, keepdim=True)  # (B, 1)
             positions = torch.arange(target_mask.size(1), device=target_mask.device).unsqueeze(0)
@@ -103,13 +110,18 @@ class SFTModule(StageModule):
         self.log("val/loss", self.loss(batch), prog_bar=True, sync_dist=True, batch_size=len(batch["reference"]))
         if self.hparams.rouge_batches is not None and batch_idx >= self.hparams.rouge_batches:
             return
+        rows = [row for row, reference in enumerate(batch["reference"]) if reference]  # plain-text rows have none
+        if not rows:
+            return
+        queries = batch["query_ids"][rows]  # (b, Q)
         responses = generate(
-            self.policy, batch["query_ids"], self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
+            self.policy, queries, self.tokenizer.pad_token_id, stop_token_ids(self.tokenizer),
             self.hparams.response_length, self.hparams.temperature,
-        )  # (B, T)
+        )  # (b, T)
         texts = decode_responses(self.tokenizer, responses)
-        self.rouge.update(texts, batch["reference"])
-        for query, text, reference in zip(batch["query_ids"], texts, batch["reference"]):
+        references = [batch["reference"][row] for row in rows]
+        self.rouge.update(texts, references)
+        for query, text, reference in zip(queries, texts, references):
             if len(self.validation_samples) < self.hparams.num_samples:
                 self.validation_samples.append(
                     {"query": decode_query(self.tokenizer, query), "response": text, "reference": reference}
