@@ -8,7 +8,10 @@ import pytest
 from conftest import SFT_DATA
 
 from lit_rlhf.cli import main
-from lit_rlhf.evaluation.evaluate import evaluate, post_of, reward_verdicts
+from lit_rlhf.data.examples import Lengths, prompt_example
+from lit_rlhf.data.formats import to_record
+from lit_rlhf.data.templates import Renderer
+from lit_rlhf.evaluation.evaluate import evaluate, reward_verdicts
 from lit_rlhf.evaluation.stats import mean_with_interval
 
 
@@ -32,7 +35,7 @@ def test_items_hold_prompt_responses_scores_and_verdicts(evaluated):
     items = read_items(out / "items-first.jsonl")
     assert len(items) == 6 == results["samples"]
     for item in items:
-        assert item["prompt"].startswith("SUBREDDIT: r/") and item["prompt"].endswith("TL;DR:")
+        assert item["prompt"].startswith("SUBREDDIT: r/") and "\nPOST: " in item["prompt"] and not item["prompt"].endswith("TL;DR:")
         assert item["reference"] and isinstance(item["response"], str)
         assert 0 <= item["response_tokens"] <= 53
         assert item["kl"] == pytest.approx(0.0, abs=1e-4)  # the policy is its own reference
@@ -67,10 +70,13 @@ def test_outputs_markdown_results_and_tensorboard(evaluated):
     assert events.Scalars("eval/second/rm/win_rate")[0].value == pytest.approx(second)
 
 
-def test_reward_verdicts_and_post():
+def test_reward_verdicts_and_the_post_a_judge_reads(tokenizer):
     verdicts = reward_verdicts([1.0, 0.0, 2.0], [0.5, 0.0, 3.0])
     assert [v.outcome for v in verdicts] == [1.0, 0.5, 0.0]
-    assert post_of("SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: p\n\nTL;DR:") == "SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: p"
+    # a TL;DR prompt row's prompt_text is the query without its "TL;DR:" (the post the judge prompt shows)
+    row = {"subreddit": "x", "title": "t", "post": "p", "summary": "s"}
+    example, _ = prompt_example(to_record(row, "tldr"), Renderer(tokenizer), Lengths(64, 16, 80), "tldr")
+    assert example["prompt_text"] == "SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: p"
 
 
 def test_eval_errors(tiny_model_dir, tmp_path):

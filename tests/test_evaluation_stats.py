@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from lit_rlhf.evaluation.stats import by_length, calibration, mean_with_interval, preference_calibration
+from lit_rlhf.evaluation.stats import (
+    by_length,
+    calibration,
+    length_controlled_win_rate,
+    mean_with_interval,
+    pairwise_outcomes,
+    preference_calibration,
+)
 
 
 def test_ties_count_half_and_a_constant_outcome_has_a_point_interval():
@@ -89,3 +96,43 @@ def test_grouped_accuracy_with_the_overall_interval():
         "val/accuracy_confidence/3": 1.0, "val/accuracy_confidence/9": pytest.approx(2 / 3),
     }
     assert interval["low"] < 0.75 < interval["high"] == 1.0
+
+
+def test_pairwise_outcomes_are_nan_without_a_reference():
+    outcomes = pairwise_outcomes(torch.tensor([1.0, 0.0, 2.0, 1.0]), torch.tensor([0.0, 1.0, 2.0, float("nan")]))
+    assert outcomes[:3].tolist() == [1.0, 0.0, 0.5] and math.isnan(outcomes[3])
+
+
+def test_length_controlled_win_rate_without_length_differences_is_the_ridge_logistic_mean():
+    # d = 0 everywhere: the length term is tanh(0) = 0, and the fit's stationarity condition is by hand
+    # n * (sigmoid(theta) - mean(y)) + ridge * theta = 0, which gives theta just inside logit(0.75)
+    outcomes, ridge = [1.0, 1.0, 0.5, 1.0, 0.0, 1.0, 1.0, 0.5], 1e-2  # mean 0.75 (a tie is half a win)
+    result = length_controlled_win_rate(outcomes, [0.0] * 8, ridge=ridge, num_resamples=50)
+    theta = math.log(result["mean"] / (1 - result["mean"]))
+    assert 8 * (result["mean"] - 0.75) + ridge * theta == pytest.approx(0.0, abs=1e-9)
+    assert 0.745 < result["mean"] < 0.75 and result["length_coefficient"] == pytest.approx(0.0, abs=1e-9)
+    assert result["n"] == 8 and result["low"] <= result["mean"] <= result["high"]
+
+
+def test_length_controlled_win_rate_removes_a_judges_length_preference():
+    # a judge who only looks at length (P(a wins) = sigmoid(2 tanh(d / std d))), a system that is longer on 80% of items:
+    # a raw win rate far above 0.5, a length-controlled one at 0.5 (both equally good at equal length)
+    generator = torch.Generator().manual_seed(0)
+    d = torch.where(torch.rand(4000, generator=generator) < 0.8, 1.0, -1.0) * torch.rand(4000, generator=generator) * 400
+    outcomes = torch.bernoulli(torch.sigmoid(2 * torch.tanh(d / d.std())), generator=generator)
+    result = length_controlled_win_rate(outcomes, d, num_resamples=200)
+    assert outcomes.mean() > 0.65
+    assert result["low"] < 0.5 < result["high"] and abs(result["mean"] - 0.5) < 0.04
+    assert result["length_coefficient"] == pytest.approx(2.0, abs=0.3)
+    # a judge that ignores length: the length-controlled rate is the raw one
+    fair = torch.bernoulli(torch.full((4000,), 0.3), generator=generator)
+    assert length_controlled_win_rate(fair, d, num_resamples=50)["mean"] == pytest.approx(fair.mean().item(), abs=0.03)
+
+
+def test_length_controlled_win_rate_edge_cases():
+    empty = length_controlled_win_rate([], [])
+    assert empty["n"] == 0 and math.isnan(empty["mean"])
+    sweep = length_controlled_win_rate([1.0] * 5, [10.0, -3.0, 0.0, 4.0, 8.0], num_resamples=20)
+    assert 0.5 < sweep["mean"] < 1.0 and math.isfinite(sweep["low"])  # every item won: finite through the ridge
+    with pytest.raises(ValueError, match="differ in shape"):
+        length_controlled_win_rate([1.0, 0.0], [1.0])

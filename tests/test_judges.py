@@ -16,7 +16,18 @@ import pytest
 import torch
 from stage_helpers import free_port
 
-from lit_rlhf.evaluation.judges import ChatJudge, LogprobJudge, Verdict, _orders, _outcome, parse_choice
+from lit_rlhf.evaluation.judges import (
+    JUDGE_PROMPTS,
+    LETTER_PROMPTS,
+    ChatJudge,
+    LogprobJudge,
+    Verdict,
+    _orders,
+    _outcome,
+    _prompt,
+    _template,
+    parse_choice,
+)
 
 POSTS = [
     "I (24F) adopted a cat last month. She hides under the bed all day and only eats at night. Is this normal?",
@@ -36,6 +47,9 @@ BAD = ["cats", "I like pizza", "what is the weather"]
     ("A", "A"),
     ("Both are fine.", None),
     ("Alice and Bob", None),
+    ("A is more detailed, B is shorter.\n[[A]]", "A"),
+    ("At first I thought [[A]], but B answers the question.\n\n[[B]]", "B"),  # the last verdict counts
+    ("Both answers are equally good. [[C]]", "C"),  # a tie
 ])
 def test_parse_choice(text, letter):
     assert parse_choice(text) == letter
@@ -43,6 +57,18 @@ def test_parse_choice(text, letter):
 
 def test_verdict_outcome_is_from_the_first_summarys_side():
     assert _outcome("A", "ab") == 1.0 and _outcome("A", "ba") == 0.0 and _outcome("B", "ba") == 1.0 and _outcome(None, "ab") == 0.5
+    assert _outcome("C", "ab") == _outcome("C", "ba") == 0.5  # a chat judge's tie
+
+
+def test_chat_task_prompt_shows_the_conversation_and_both_answers():
+    conversation = "user: Name a prime number between 10 and 15.\nassistant:"
+    shown = _prompt(JUDGE_PROMPTS["chat"], conversation, "13", "12", "ba")
+    assert f"[Conversation]\n{conversation}\n\n[Assistant A's answer]\n12\n" in shown  # order "ba": b shown first
+    assert "[Assistant B's answer]\n13\n" in shown and '"[[C]]" for a tie' in shown
+    assert "Summary" not in shown and "Summary A" in _prompt(JUDGE_PROMPTS["summarization"], "post", "a", "b", "ab")
+    assert LETTER_PROMPTS["chat"].endswith('Answer with only "A" or "B".')
+    with pytest.raises(ValueError, match="unknown judge task 'poetry'"):
+        _template(JUDGE_PROMPTS, "poetry")
     orders = _orders(200, seed=3)
     assert orders == _orders(200, seed=3) and orders != _orders(200, seed=4)
     assert 70 < orders.count("ab") < 130  # a fair coin per item

@@ -31,7 +31,10 @@ def test_accuracy_by_group_from_the_pair_scores(evaluated):
     assert sum(group["n"] for group in results["by_batch"].values()) == 12
     assert set(results["by_batch"]) == {p["batch"] for p in pairs} and all(b.startswith("batch") for b in results["by_batch"])
     assert set(results["by_confidence"]) == {str(p["confidence"]) for p in pairs}
-    assert results["by_domain"].keys() == {"tldr"}
+    assert results["by_source"].keys() == {"comparisons"}
+    # the "longer answer wins" baseline beside the accuracy: 1 where the chosen summary has more tokens, ties half
+    longer = [float(p["chosen_tokens"] > p["rejected_tokens"]) + 0.5 * float(p["chosen_tokens"] == p["rejected_tokens"]) for p in pairs]
+    assert results["longer_wins"] == mean_with_interval(longer) and results["longer_wins_by_source"]["comparisons"]["n"] == 12
     for pair in pairs:
         assert pair["prompt"].startswith("SUBREDDIT:") and pair["chosen"] and pair["rejected"] and pair["chosen"] != pair["rejected"]
 
@@ -77,7 +80,7 @@ def test_a_judge_on_the_same_pairs(tiny_reward_dir, tiny_model_dir, default_mode
 
 
 def test_cnndm_rows_get_their_own_accuracy(tiny_reward_dir, tiny_model_dir, tmp_path):
-    """Comparisons on CNN/DM articles (``info.article``, recipe D2/D3) are scored and reported as their own domain."""
+    """Comparisons on CNN/DM articles (``info.article``, recipe D2/D3) are scored and reported as their own source."""
     data = tmp_path / "comparisons"
     data.mkdir()
     rows = [json.loads(line) for line in (COMPARISON_DATA / "validation.jsonl").read_text().splitlines()[:4]]
@@ -89,6 +92,7 @@ def test_cnndm_rows_get_their_own_accuracy(tiny_reward_dir, tiny_model_dir, tmp_
         reward_model=str(tiny_reward_dir), tokenizer=str(tiny_model_dir), data=str(data), query_length=128,
         output_dir=str(tmp_path / "out"), accelerator="cpu",
     )
-    assert {domain: figures["n"] for domain, figures in results["by_domain"].items()} == {"cnndm": 2, "tldr": 2}
+    assert {source: figures["n"] for source, figures in results["by_source"].items()} == {"comparisons/cnndm": 2, "comparisons": 2}
     pairs = [json.loads(line) for line in (tmp_path / "out" / "pairs.jsonl").read_text().splitlines()]
-    assert [p["domain"] for p in pairs] == ["cnndm", "cnndm", "tldr", "tldr"] and pairs[0]["prompt"].startswith("Article:")
+    assert [p["source"] for p in pairs] == ["comparisons/cnndm"] * 2 + ["comparisons"] * 2
+    assert pairs[0]["prompt"].startswith("Article:") and pairs[2]["prompt"].startswith("SUBREDDIT:")

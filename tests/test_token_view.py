@@ -17,8 +17,9 @@ def test_last_token_score_is_the_reward_and_views_render(tiny_reward_dir, tiny_m
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = ScalarModel.load(str(tiny_reward_dir)).eval()
     query = format_query_ids(tokenizer, ROW, 128)
-    rows = [token_rewards(model, tokenizer, query, "cat hides all day"), token_rewards(model, tokenizer, query, "cat")]
     ids = tokenizer.encode(" cat hides all day", add_special_tokens=False) + [tokenizer.eos_token_id]
+    short = tokenizer.encode(" cat", add_special_tokens=False) + [tokenizer.eos_token_id]
+    rows = [token_rewards(model, tokenizer, query, ids), token_rewards(model, tokenizer, query, short)]
     assert len(rows[0]) == len(ids) and rows[0][-1][0] == tokenizer.eos_token
     with torch.no_grad():
         reward = sequence_scores(model, torch.tensor([query + ids]), tokenizer.pad_token_id).item()

@@ -28,9 +28,9 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-from lit_rlhf.data.datamodules import PromptDataModule
+from lit_rlhf.data.datamodules import PromptDataModule, Source
 from lit_rlhf.evaluation.judges import ChatJudge, LogprobJudge, Verdict
-from lit_rlhf.evaluation.stats import LENGTH_EDGES, by_length, mean_with_interval, pairwise_outcomes
+from lit_rlhf.evaluation.stats import LENGTH_EDGES, by_length, length_controlled_win_rate, mean_with_interval, pairwise_outcomes
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.stages.common import decode_responses
@@ -78,7 +78,7 @@ class PolicySampler(L.LightningModule):
             torch.manual_seed(self.seed + batch_idx + self.global_rank * RANK_SEED_STRIDE)
             sample = sample_and_score(
                 self.policy, self.reward_model, queries, tok, self.response_length, self.temperature,
-                self.truncate, self.non_eos_penalty, self.penalty, batch["reference"] if self.reward_model is not None else None,
+                self.truncate, self.non_eos_penalty, self.penalty, batch["reference_ids"] if self.reward_model is not None else None,
             )
         items = {
             "response": decode_responses(tok, sample["responses"]),
@@ -87,21 +87,16 @@ class PolicySampler(L.LightningModule):
         }
         if self.reward_model is not None:
             items["score"] = sample["scores"].float().tolist()
-            items["reference_score"] = sample["reference_scores"].tolist()
+            if "reference_scores" in sample:  # NaN for a prompt without a reference answer
+                items["reference_score"] = sample["reference_scores"].tolist()
         if self.ref_policy is not None:
             kl = sample_kl(self.policy, self.ref_policy, sample, queries.size(1), pad_id, self.temperature)
             items["kl"] = kl.float().tolist()
-        prompts = tok.batch_decode(queries, skip_special_tokens=True)
+        prompts = batch["prompt_text"]
         return [
             {"prompt": prompt, "reference": reference, **{key: values[row] for key, values in items.items()}}
             for row, (prompt, reference) in enumerate(zip(prompts, batch["reference"]))
         ]
-
-
-def post_of(prompt: str) -> str:
-    """The post a judge reads: the formatted query without its trailing ``TL;DR:``."""
-    text = prompt.rstrip()
-    return text[: -len("TL;DR:")].rstrip() if text.endswith("TL;DR:") else text
 
 
 def default_name(path: str) -> str:
@@ -117,13 +112,20 @@ def reward_verdicts(scores: list[float], other_scores: list[float]) -> list[Verd
     return [Verdict(o, "ab", answers[o], json.dumps({"a": a, "b": b})) for o, a, b in zip(outcomes.tolist(), scores, other_scores)]
 
 
-def judged(verdicts: list[Verdict], lengths: list[int], edges: tuple[int, ...]) -> dict[str, Any]:
-    """Win rate with its interval, the rate by response length, and how many answers named no summary."""
+def judged(verdicts: list[Verdict], lengths: list[int], edges: tuple[int, ...], length_differences: list[float]) -> dict[str, Any]:
+    """Win rate with its interval, the length-controlled win rate (AlpacaEval 2's, from the difference in characters
+    between the two responses of each item, :func:`~lit_rlhf.evaluation.stats.length_controlled_win_rate`), the rate
+    by response length, and how many answers named neither response."""
     outcomes = [v.outcome for v in verdicts]
     return {
-        "win_rate": mean_with_interval(outcomes), "by_length": by_length(outcomes, lengths[: len(outcomes)], edges),
-        "unparsed": sum(v.answer is None for v in verdicts),
+        "win_rate": mean_with_interval(outcomes),
+        "lc_win_rate": length_controlled_win_rate(outcomes, length_differences[: len(outcomes)]),
+        "by_length": by_length(outcomes, lengths[: len(outcomes)], edges), "unparsed": sum(v.answer is None for v in verdicts),
     }
+
+
+def _char_differences(rows: list[dict[str, Any]], other: list[str]) -> list[float]:
+    return [float(len(row["response"]) - len(text)) for row, text in zip(rows, other)]
 
 
 def evaluate(
@@ -136,10 +138,15 @@ def evaluate(
     local_judge: Optional[LogprobJudge] = None,
     judge_samples: Optional[int] = None,
     head_to_head: bool = False,
-    data: str = "../shared/data/tldr/sft",
+    data: Optional[str] = "../shared/data/tldr/sft",
+    sources: Optional[list[Source]] = None,
+    format: str = "auto",
+    system_prompt: Optional[str] = None,
+    task: str = "auto",
     samples: int = 256,
     query_length: int = 512,
     response_length: int = 53,
+    reference_length: Optional[int] = None,
     batch_size: int = 32,
     temperature: float = 0.01,
     seed: int = 1,
@@ -149,7 +156,8 @@ def evaluate(
     accelerator: str = "auto",
     precision: str = "32-true",
 ) -> dict[str, Any]:
-    """Sample every policy on the first ``samples`` validation prompts of ``data`` and judge the summaries.
+    """Sample every policy on the first ``samples`` validation prompts of ``data`` and judge the responses against the
+    reference answers (where the prompts have them) and, with ``head_to_head``, against each other.
 
     Args:
         policies: Hugging Face directories of the policies (they share the first one's tokenizer).
@@ -165,9 +173,16 @@ def evaluate(
         local_judge: a local causal LM judge (``--local_judge.model smollm2-135m``).
         judge_samples: the text judges see only the first N items (they are slow); ``None``: all.
         head_to_head: also judge every pair of policies against each other.
-        data: directory (or hub name) whose ``validation`` split holds the prompts and reference summaries.
-        samples: prompts (the first N validation rows whose reference fits ``response_length``).
-        query_length, response_length: recipe D3/D7 shapes (the quickstart uses 192 and 53).
+        data: directory (or hub name) whose ``validation`` split holds the prompts and reference answers, in any format
+            (TL;DR posts and summaries; TRL's prompt-only rows with a ``reference``, MT-Bench in the chat share; a
+            conversation or preference set's prompts with their last or chosen answer).
+        sources: several prompt sets instead of ``data`` (:class:`~lit_rlhf.data.datamodules.Source`).
+        format, system_prompt: as the :class:`~lit_rlhf.data.datamodules.PromptDataModule`'s.
+        task: the text judges' prompt: ``"summarization"`` (the TL;DR one), ``"chat"`` (a pairwise chat judge), or
+            ``"auto"`` (summarization for TL;DR data, else chat).
+        samples: prompts (the first N validation rows of each source whose reference fits its budget).
+        query_length, response_length: prompt budget and most tokens sampled (the TL;DR quickstart uses 192 and 53).
+        reference_length: the reference answers' budget (``None``: ``response_length``; chat references are longer).
         batch_size: prompts per sampling batch (the per-batch seeds depend on it, as in validation).
         temperature: sampling temperature (N+: 0.01).
         seed: the sampling seed (per batch: ``seed + batch index``) and the judges' order seed.
@@ -177,8 +192,9 @@ def evaluate(
         accelerator, precision: Lightning's, for the sampling (on one device, so that the items stay whole and in order).
 
     Returns:
-        the content of ``results.json``: per policy its mean length / score / KL and per judge ``win_rate``
-        (``mean``, ``low``, ``high``, ``n``), ``by_length`` and ``unparsed``; ``head_to_head`` per pair.
+        the content of ``results.json``: per policy its mean length (tokens and characters) / score / KL and per judge
+        ``win_rate`` and ``lc_win_rate`` (``mean``, ``low``, ``high``, ``n``), ``by_length`` and ``unparsed``;
+        ``head_to_head`` per pair.
 
     Raises:
         ValueError: without a policy or a judge, or with ``names`` of the wrong length.
@@ -206,11 +222,13 @@ def evaluate(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     datamodule = PromptDataModule(
-        path=data, tokenizer=policies[0], query_length=query_length, response_length=response_length,
-        max_length=query_length + response_length, batch_size=batch_size, eval_batch_size=batch_size,
-        total_episodes=batch_size, val_samples=samples, seed=seed,
+        path=None if sources else data, sources=sources, format=format, system_prompt=system_prompt, tokenizer=policies[0],
+        query_length=query_length, response_length=response_length, max_length=query_length + response_length,
+        reference_length=reference_length, batch_size=batch_size, eval_batch_size=batch_size, total_episodes=batch_size,
+        val_samples=samples, seed=seed,
     )
     datamodule.setup("validate")
+    task = datamodule.task if task == "auto" else task
     edges = tuple(length_edges)
     text_judges = {name: judge for name, judge in (("llm", llm_judge), ("local", local_judge)) if judge is not None}
 
@@ -224,21 +242,29 @@ def evaluate(
         rows = [row for batch in trainer.predict(sampler, dataloaders=datamodule.val_dataloader()) for row in batch]
         items[name] = rows
         lengths = [row["response_tokens"] for row in rows]
-        summary: dict[str, Any] = {"mean_length": sum(lengths) / len(lengths), "judges": {}}
+        summary: dict[str, Any] = {
+            "mean_length": sum(lengths) / len(lengths), "mean_chars": sum(len(row["response"]) for row in rows) / len(rows),
+            "judges": {},
+        }
         for key in ("score", "kl"):
             if key in rows[0]:
                 summary[f"mean_{key}"] = sum(row[key] for row in rows) / len(rows)
         verdicts: dict[str, list[Verdict]] = {}
-        if reward_model is not None:
-            verdicts["rm"] = reward_verdicts([r["score"] for r in rows], [r["reference_score"] for r in rows])
-        judged_rows = rows[:judge_samples]
+        referenced = [row for row in rows if row["reference"]]  # the prompts with a reference answer
+        if reward_model is not None and referenced:
+            verdicts["rm"] = reward_verdicts([r["score"] for r in referenced], [r["reference_score"] for r in referenced])
+        judged_rows = referenced[:judge_samples]
         for judge_name, judge in text_judges.items():
             verdicts[judge_name] = judge.judge(
-                [post_of(r["prompt"]) for r in judged_rows], [r["response"] for r in judged_rows], [r["reference"] for r in judged_rows],
+                [r["prompt"] for r in judged_rows], [r["response"] for r in judged_rows], [r["reference"] for r in judged_rows],
+                task=task,
             )
         for judge_name, judge_verdicts in verdicts.items():
-            summary["judges"][judge_name] = judged(judge_verdicts, lengths, edges)
-            for row, verdict in zip(rows, judge_verdicts):
+            summary["judges"][judge_name] = judged(
+                judge_verdicts, [r["response_tokens"] for r in referenced], edges,
+                _char_differences(referenced, [r["reference"] for r in referenced]),
+            )
+            for row, verdict in zip(referenced, judge_verdicts):
                 row.setdefault("judges", {})[judge_name] = verdict.to_dict()
         results["policies"][name] = summary
         with (out / f"items-{name}.jsonl").open("w", encoding="utf-8") as handle:
@@ -248,14 +274,16 @@ def evaluate(
         results["head_to_head"] = {}
         for a, b in itertools.combinations(names, 2):
             pair: dict[str, Any] = {}
+            differences = _char_differences(items[a], [r["response"] for r in items[b]])
             if reward_model is not None:
                 pair["rm"] = judged(reward_verdicts([r["score"] for r in items[a]], [r["score"] for r in items[b]]),
-                                    [r["response_tokens"] for r in items[a]], edges)
+                                    [r["response_tokens"] for r in items[a]], edges, differences)
             for judge_name, judge in text_judges.items():
                 rows_a, rows_b = items[a][:judge_samples], items[b][:judge_samples]
                 pair[judge_name] = judged(
-                    judge.judge([post_of(r["prompt"]) for r in rows_a], [r["response"] for r in rows_a], [r["response"] for r in rows_b]),
-                    [r["response_tokens"] for r in rows_a], edges,
+                    judge.judge([r["prompt"] for r in rows_a], [r["response"] for r in rows_a], [r["response"] for r in rows_b],
+                                task=task),
+                    [r["response_tokens"] for r in rows_a], edges, differences,
                 )
             results["head_to_head"][f"{a} vs {b}"] = pair
 
@@ -307,32 +335,35 @@ def _interval(result: dict[str, float]) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The Markdown tables of :func:`evaluate`'s results: win rates against the reference summaries (with the mean
-    length, RM score and KL), by response length, and head to head."""
+    """The Markdown tables of :func:`evaluate`'s results: win rates against the reference answers (with the
+    length-controlled win rate, the mean length, RM score and KL), by response length, and head to head."""
     lines = [
-        f"Win rate against the reference summaries ({results['samples']} prompts, temperature {results['temperature']}; "
-        "ties count half; 95% bootstrap intervals)", "",
-        "| policy | judge | win rate | 95% interval | n | mean length (tokens) | mean RM score | KL |", "|---|---|---|---|---|---|---|---|",
+        f"Win rate against the reference answers ({results['samples']} prompts, temperature {results['temperature']}; "
+        "ties count half; 95% bootstrap intervals; LC: length-controlled, AlpacaEval 2)", "",
+        "| policy | judge | win rate | 95% interval | n | LC win rate | LC 95% interval | mean length (tokens) | mean RM score | KL |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda value: "n/a" if value is None else f"{value:.3f}"  # noqa: E731
     for name, policy in results["policies"].items():
         for judge, figures in policy["judges"].items():
-            lines.append(f"| {name} | {judge} | {_interval(figures['win_rate'])} | {policy['mean_length']:.1f} | "
-                         f"{fmt(policy.get('mean_score'))} | {fmt(policy.get('mean_kl'))} |")
+            lc = figures["lc_win_rate"]
+            lines.append(f"| {name} | {judge} | {_interval(figures['win_rate'])} | {lc['mean']:.3f} | {lc['low']:.3f}-{lc['high']:.3f} | "
+                         f"{policy['mean_length']:.1f} | {fmt(policy.get('mean_score'))} | {fmt(policy.get('mean_kl'))} |")
     lines += ["", "By response length", "", "| policy | judge | tokens | win rate | 95% interval | n |", "|---|---|---|---|---|---|"]
     for name, policy in results["policies"].items():
         for judge, figures in policy["judges"].items():
             lines += [f"| {name} | {judge} | {row['bucket']} | {_interval(row)} |" for row in figures["by_length"]]
     if results.get("head_to_head"):
         lines += ["", "Head to head (win rate of the first policy)", ""]
-        lines += ["| pair | judge | win rate | 95% interval | n |", "|---|---|---|---|---|"]
+        lines += ["| pair | judge | win rate | 95% interval | n | LC win rate | LC 95% interval |", "|---|---|---|---|---|---|---|"]
         for pair, judges in results["head_to_head"].items():
-            lines += [f"| {pair} | {judge} | {_interval(figures['win_rate'])} |" for judge, figures in judges.items()]
+            lines += [f"| {pair} | {judge} | {_interval(figures['win_rate'])} | {figures['lc_win_rate']['mean']:.3f} | "
+                      f"{figures['lc_win_rate']['low']:.3f}-{figures['lc_win_rate']['high']:.3f} |" for judge, figures in judges.items()]
     return "\n".join(lines) + "\n"
 
 
 def log_tensorboard(results: dict[str, Any], table: str, directory: Path, figure: Any = None) -> None:
-    """``eval/{policy}/{judge}/win_rate`` (and ``_low``/``_high``), mean length / score / KL, the table as text and
+    """``eval/{policy}/{judge}/win_rate`` and ``lc_win_rate`` (and ``_low``/``_high``), mean length / score / KL, the table as text and
     the over-optimisation ``figure`` when given."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -343,9 +374,10 @@ def log_tensorboard(results: dict[str, Any], table: str, directory: Path, figure
             if key in policy:
                 metrics[f"eval/{name}/{key}"] = policy[key]
         for judge, figures in policy["judges"].items():
-            rate = figures["win_rate"]
-            metrics.update({f"eval/{name}/{judge}/win_rate": rate["mean"], f"eval/{name}/{judge}/win_rate_low": rate["low"],
-                            f"eval/{name}/{judge}/win_rate_high": rate["high"]})
+            for key in ("win_rate", "lc_win_rate"):
+                rate = figures[key]
+                metrics.update({f"eval/{name}/{judge}/{key}": rate["mean"], f"eval/{name}/{judge}/{key}_low": rate["low"],
+                                f"eval/{name}/{judge}/{key}_high": rate["high"]})
     logger.log_metrics(metrics, step=0)
     logger.experiment.add_text("eval/summary", table, 0)
     if figure is not None:

@@ -1,11 +1,17 @@
-"""Pairwise judges of two summaries of the same post: an LLM over an OpenAI-compatible endpoint, or a local causal LM.
+"""Pairwise judges of two responses to the same prompt: an LLM over an OpenAI-compatible endpoint, or a local causal LM.
 
-Both show the two summaries in a random order per item (recorded, so position bias cancels out over the items) and
-answer with a :class:`Verdict` from the point of view of the *first* summary passed in (``a``: the policy's). The
-reward-model judge works on token ids inside the sampling loop instead (:mod:`lit_rlhf.evaluation.eval`).
+Both show the two responses in a random order per item (recorded, so position bias cancels out over the items) and
+answer with a :class:`Verdict` from the point of view of the *first* response passed in (``a``: the policy's). The
+reward-model judge works on token ids inside the sampling loop instead (:mod:`lit_rlhf.evaluation.evaluate`).
 
-The judge prompt is the TL;DR prompt of Rafailov et al. 2023 (DPO, appendix C.2), which Huang et al. 2024 (N+)
-use with GPT-3.5 for their win rates against the reference summaries.
+Two judge prompts, chosen by the data's task (:attr:`~lit_rlhf.data.datamodules.PromptDataModule.task`):
+
+* ``"summarization"``: the TL;DR prompt of Rafailov et al. 2023 (DPO, appendix C.2), which Huang et al. 2024 (N+)
+  use with GPT-3.5 for their win rates against the reference summaries;
+* ``"chat"``: a pairwise comparison of two assistants' answers to a user's conversation in the style of MT-Bench's
+  pairwise judge (Zheng et al. 2023, "Judging LLM-as-a-judge") and AlpacaEval: helpfulness, accuracy and detail, an
+  instruction not to let order or length decide, a short explanation, then a verdict ``[[A]]``, ``[[B]]`` or
+  ``[[C]]`` (a tie, which counts half).
 """
 
 from __future__ import annotations
@@ -41,10 +47,40 @@ line, state only "A" or "B" to indicate your choice. Your response should use th
 Comparison: <one-sentence comparison and explanation>
 Preferred: <"A" or "B">"""
 
-#: the same question for a judge read through its next-token probabilities: the answer is one letter
-LETTER_PROMPT = JUDGE_PROMPT[: JUDGE_PROMPT.index("FIRST provide")] + 'Answer with only "A" or "B".'
+#: pairwise chat judging, in the style of MT-Bench's pairwise judge and AlpacaEval (our wording): what to judge ...
+_CHAT_CRITERIA = """You are an impartial judge. Two AI assistants answered the same conversation with a user. Decide \
+which assistant gave the better final answer: the one that follows the user's instructions and is more helpful, \
+relevant, accurate and appropriately detailed. The order in which the answers are shown must not affect your decision, \
+and neither must their length: a longer answer is not better for being longer."""
+#: ... what the judge reads ...
+_CHAT_ITEM = """[Conversation]
+{post}
+
+[Assistant A's answer]
+{summary_a}
+[End of assistant A's answer]
+
+[Assistant B's answer]
+{summary_b}
+[End of assistant B's answer]"""
+#: ... and how it answers: a verdict line, "[[C]]" a tie
+CHAT_JUDGE_PROMPT = (
+    _CHAT_CRITERIA + ' Explain your comparison in a few sentences, then give your verdict on its own line as "[[A]]" if '
+    'assistant A is better, "[[B]]" if assistant B is better, or "[[C]]" for a tie.\n\n' + _CHAT_ITEM
+)
+
+#: the judge prompt of each task (:attr:`~lit_rlhf.data.datamodules.PromptDataModule.task`)
+JUDGE_PROMPTS = {"summarization": JUDGE_PROMPT, "chat": CHAT_JUDGE_PROMPT}
+
+#: the same questions for a judge read through its next-token probabilities: the answer is one letter
+LETTER_PROMPTS = {
+    "summarization": JUDGE_PROMPT[: JUDGE_PROMPT.index("FIRST provide")] + 'Answer with only "A" or "B".',
+    "chat": _CHAT_CRITERIA + "\n\n" + _CHAT_ITEM + '\n\nAnswer with only "A" or "B".',
+}
+LETTER_PROMPT = LETTER_PROMPTS["summarization"]
 
 _PREFERRED = re.compile(r"Preferred\s*:\s*[\"'*]*\s*([AB])\b", re.IGNORECASE)
+_BRACKETED = re.compile(r"\[\[([ABC])\]\]")
 _LONE_LETTER = re.compile(r"(?:^|[\s\"'*(])([AB])(?:$|[\s\"'*).:,])")
 
 
@@ -71,7 +107,11 @@ class Verdict:
 
 
 def parse_choice(text: str) -> Optional[str]:
-    """The letter of a judge's answer: the ``Preferred: X`` line, else the last lone ``A``/``B``; ``None`` if neither."""
+    """The letter of a judge's answer: the last ``[[A]]``/``[[B]]``/``[[C]]`` (chat verdict, C a tie), else the
+    ``Preferred: X`` line, else the last lone ``A``/``B``; ``None`` if none."""
+    verdicts = _BRACKETED.findall(text)
+    if verdicts:
+        return verdicts[-1]
     match = _PREFERRED.search(text)
     if match:
         return match.group(1).upper()
@@ -80,7 +120,7 @@ def parse_choice(text: str) -> Optional[str]:
 
 
 def _outcome(answer: Optional[str], order: str) -> float:
-    if answer is None:
+    if answer is None or answer == "C":  # unparsed, or a tie
         return 0.5
     a_shown_as = "A" if order == "ab" else "B"
     return 1.0 if answer == a_shown_as else 0.0
@@ -185,17 +225,25 @@ class ChatJudge:
                 handle.write(json.dumps({"key": key, "model": self.model, "prompt": prompt, "answer": answer}) + "\n")
         return answer, False
 
-    def judge(self, posts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str], progress: bool = True) -> list[Verdict]:
+    def judge(
+        self, posts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str], progress: bool = True,
+        task: str = "summarization",
+    ) -> list[Verdict]:
         """One :class:`Verdict` per item, from ``a``'s side; the order per item comes from ``seed`` and the item index.
 
+        Args:
+            posts: what the judge reads as the prompt (a post, or a conversation; a batch's ``prompt_text``).
+            task: ``"summarization"`` or ``"chat"`` (:data:`JUDGE_PROMPTS`).
+
         Raises:
-            ValueError: if the three sequences differ in length.
+            ValueError: if the three sequences differ in length, or for an unknown task.
             RuntimeError: as :meth:`ask` (the answers so far are in the cache).
         """
         _check_lengths(posts, responses_a, responses_b)
+        template = _template(JUDGE_PROMPTS, task)
         verdicts = []
         for post, a, b, order in _progress(list(zip(posts, responses_a, responses_b, _orders(len(posts), self.seed))), progress):
-            answer, cached = self.ask(_prompt(JUDGE_PROMPT, post, a, b, order))
+            answer, cached = self.ask(_prompt(template, post, a, b, order))
             choice = parse_choice(answer)
             verdicts.append(Verdict(_outcome(choice, order), order, choice, answer, cached))
         return verdicts
@@ -248,17 +296,27 @@ class LogprobJudge:
             rows.append(torch.softmax(logits, dim=-1).cpu())
         return torch.cat(rows) if rows else torch.zeros(0, 2)
 
-    def judge(self, posts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str], progress: bool = True) -> list[Verdict]:
-        """As :meth:`ChatJudge.judge`; ``raw`` holds the two letters' probabilities."""
+    def judge(
+        self, posts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str], progress: bool = True,
+        task: str = "summarization",
+    ) -> list[Verdict]:
+        """As :meth:`ChatJudge.judge` (with :data:`LETTER_PROMPTS`); ``raw`` holds the two letters' probabilities."""
         _check_lengths(posts, responses_a, responses_b)
         orders = _orders(len(posts), self.seed)
-        prompts = [_prompt(LETTER_PROMPT, *item, order) for item, order in zip(zip(posts, responses_a, responses_b), orders)]
+        template = _template(LETTER_PROMPTS, task)
+        prompts = [_prompt(template, *item, order) for item, order in zip(zip(posts, responses_a, responses_b), orders)]
         probabilities = self.letter_probabilities(prompts)
         verdicts = []
         for (p_a, p_b), order in zip(probabilities.tolist(), orders):
             answer = "A" if p_a > p_b else "B" if p_b > p_a else None
             verdicts.append(Verdict(_outcome(answer, order), order, answer, json.dumps({"A": p_a, "B": p_b})))
         return verdicts
+
+
+def _template(templates: dict[str, str], task: str) -> str:
+    if task not in templates:
+        raise ValueError(f"unknown judge task '{task}' ({', '.join(templates)})")
+    return templates[task]
 
 
 def _check_lengths(*sequences: Sequence) -> None:

@@ -108,19 +108,96 @@ def summary(run_dir: Path, num_samples: int = 3) -> str:
                     lines.append(f"    {name} policy (score {row['score']:.2f}):\n" + wrap(row["response"]))
 
     if meta.get("stages"):
-        lines.append("\nWall time per step (s)")
-        total = 0.0
-        for name, seconds in meta["stages"].items():
-            lines.append(f"  {name:<16}{seconds:8.1f}")
-            total += seconds
-        lines.append(f"  {'total':<16}{total:8.1f}")
+        lines += _timings(meta)
+    lines.append("\nTensorBoard: tensorboard --logdir " + str(run_dir / "tensorboard"))
+    return "\n".join(lines)
+
+
+def _rate(figures: Optional[dict[str, float]], invert: bool = False) -> str:
+    """``mean (low-high)`` of a win rate with its interval; ``invert``: the other side's (1 - rate)."""
+    if not figures or figures.get("n", 0) == 0:
+        return "n/a"
+    mean, low, high = figures["mean"], figures["low"], figures["high"]
+    if invert:
+        mean, low, high = 1 - mean, 1 - high, 1 - low
+    return f"{mean:.3f} ({low:.3f}-{high:.3f})"
+
+
+def _timings(meta: dict[str, Any]) -> list[str]:
+    lines = ["\nWall time per step (s)"]
+    total = 0.0
+    for name, seconds in meta.get("stages", {}).items():
+        lines.append(f"  {name:<16}{seconds:8.1f}")
+        total += seconds
+    return lines + [f"  {'total':<16}{total:8.1f}"]
+
+
+def chat_summary(run_dir: Path) -> str:
+    """The chat quickstart's summary (``make quickstart-chat``): the reward model's accuracy per source with its interval
+    beside the "longer answer wins" baseline, the online-DPO iterations on their training prompts
+    (``online_dpo/iterations/*.jsonl``), and every policy on the evaluation prompts (``eval/results.json``): mean RM
+    score, KL to SFT, mean length, and the RM judge's win rate against the reference answers (plain and
+    length-controlled) and against the SFT policy, with 95% intervals."""
+    run_dir = Path(run_dir)
+    lines = ["", "=" * 100, "lit_rlhf chat quickstart summary".center(100), "=" * 100]
+    meta_path = run_dir / "timings.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("precision"):
+        lines.append(f"precision: {meta['precision']}")
+    sft = _last(read_results(run_dir / "sft"), "fit")
+    if sft:
+        lines.append(f"\nSFT: validation loss {_fmt(_metric(sft, 'val/loss'))} (assistant tokens only), "
+                     f"ROUGE-1 {_fmt(_metric(sft, 'val/rouge1_fmeasure'))}")
+
+    rm = _last(read_results(run_dir / "rm"), "fit")
+    lines.append("\nReward model: validation accuracy per source (95% CI), beside the longer-answer-wins baseline")
+    lines.append(f"  {'source':<24}{'accuracy':>32}{'longer wins':>16}")
+    lines.append(f"  {'all':<24}{_fmt(_metric(rm, 'val/accuracy')) + _interval(rm, 'val/accuracy'):>32}"
+                 f"{_fmt(_metric(rm, 'val/longer_wins')):>16}")
+    if rm:
+        sources = sorted({key.split("/", 2)[2] for key in rm["metrics"] if key.startswith("val/accuracy_source/")
+                          and not key.endswith(("_low", "_high"))})
+        for source in sources:
+            key = f"val/accuracy_source/{source}"
+            lines.append(f"  {source:<24}{_fmt(_metric(rm, key)) + _interval(rm, key):>32}"
+                         f"{_fmt(_metric(rm, f'val/longer_wins_source/{source}')):>16}")
+
+    iterations = sorted((run_dir / "online_dpo" / "iterations").glob("iteration-*.jsonl"), key=lambda p: int(p.stem.split("-")[1]))
+    if iterations:
+        lines.append("\nOnline iterative DPO: each iteration's samples on its training prompts (before its update)")
+        lines.append(f"  {'iteration':<12}{'mean RM score':>15}{'KL to SFT':>12}{'chars':>8}{'pairs':>8}")
+        for path in iterations:
+            samples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            mean = lambda key: sum(s[key] for s in samples) / len(samples)  # noqa: E731
+            pairs = sum(s["chosen"] for s in samples)
+            lines.append(f"  {path.stem.split('-')[1]:<12}{mean('score'):>15.3f}{mean('kl'):>12.2f}{mean('chars'):>8.0f}{pairs:>8}")
+
+    results_path = run_dir / "eval" / "results.json"
+    if results_path.is_file():
+        results = json.loads(results_path.read_text())
+        policies = results["policies"]
+        base = next(iter(policies))
+        lines.append(f"\nPolicies on the {results['samples']} evaluation prompts (temperature {results['temperature']}; RM judge; "
+                     "95% CI; LC: length-controlled, AlpacaEval 2)")
+        lines.append(f"  {'policy':<10}{'RM score':>10}{'KL':>8}{'chars':>7}   {'win rate vs reference':<24}"
+                     f"{'LC win rate vs reference':<26}{'win rate vs ' + base:<24}")
+        for name, policy in policies.items():
+            rm_judge = policy["judges"].get("rm", {})
+            pair = results.get("head_to_head", {}).get(f"{base} vs {name}", {}).get("rm")
+            versus = "-" if name == base else _rate(pair["win_rate"], invert=True) if pair else "n/a"
+            lines.append(f"  {name:<10}{_fmt(policy.get('mean_score')):>10}{_fmt(policy.get('mean_kl'), 2):>8}"
+                         f"{policy.get('mean_chars', 0):>7.0f}   {_rate(rm_judge.get('win_rate')):<24}"
+                         f"{_rate(rm_judge.get('lc_win_rate')):<26}{versus:<24}")
+    if meta.get("stages"):
+        lines += _timings(meta)
     lines.append("\nTensorBoard: tensorboard --logdir " + str(run_dir / "tensorboard"))
     return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    print(summary(Path(argv[0] if argv else "runs/quickstart")))
+    run_dir = Path(argv[0] if argv else "runs/quickstart")
+    print(chat_summary(run_dir) if (run_dir / "eval" / "results.json").is_file() and not (run_dir / "ppo").is_dir() else summary(run_dir))
 
 
 if __name__ == "__main__":

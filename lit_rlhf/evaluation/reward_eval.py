@@ -1,7 +1,8 @@
 """``lit-rlhf eval-rm``: a reward model on human comparisons, as N+ reports it (recipe R6, R8).
 
-Accuracy (the chosen summary scores higher) overall, per comparison ``batch``, per labeller confidence and per domain
-(TL;DR / CNN/DM, when CNN/DM rows are given), each with a bootstrap 95% interval; calibration: the Bradley-Terry
+Accuracy (the chosen response scores higher) overall, per comparison ``batch`` (OpenAI's batches, or a row's own
+``source`` column), per labeller confidence and per source (each set of a mixture; TL;DR / CNN/DM), each with a bootstrap
+95% interval and beside it the "longer answer wins" baseline; calibration: the Bradley-Terry
 probability ``sigmoid(r_chosen - r_rejected)`` binned against the labellers' choices, its expected calibration error
 and a reliability diagram; optionally an LLM (or local LM) judge's verdicts on the same pairs, and how often the
 reward model and the labellers agree with the judge.
@@ -14,12 +15,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import lightning as L
 import torch
 
-from lit_rlhf.data.datamodules import PreferenceDataModule
+from lit_rlhf.data.datamodules import PreferenceDataModule, Source
 from lit_rlhf.evaluation.judges import ChatJudge, LogprobJudge
 from lit_rlhf.evaluation.stats import mean_with_interval, preference_calibration
 from lit_rlhf.models.forward import sequence_scores
@@ -37,11 +38,13 @@ class PairScorer(L.LightningModule):
         tokenizer: the tokenizer's directory (``None``: the reward model's).
     """
 
-    def __init__(self, reward_model: str, batch_names: list[str], tokenizer: Optional[str] = None) -> None:
+    def __init__(
+        self, reward_model: str, batch_names: list[str], tokenizer: Optional[str] = None, source_names: Sequence[str] = ()
+    ) -> None:
         super().__init__()
         self.tokenizer = load_tokenizer(tokenizer or reward_model)
         self.reward_model = ScalarModel.load(reward_model).eval()
-        self.batch_names = batch_names
+        self.batch_names, self.source_names = batch_names, list(source_names)
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
@@ -49,25 +52,31 @@ class PairScorer(L.LightningModule):
         pad = tok.pad_token_id
         chosen = sequence_scores(self.reward_model, batch["chosen_ids"], pad).float().tolist()
         rejected = sequence_scores(self.reward_model, batch["rejected_ids"], pad).float().tolist()
-        prompts = tok.batch_decode(batch["query_ids"], skip_special_tokens=True)
         chosen_texts, rejected_texts = (decode_responses(tok, batch[key]) for key in ("chosen_response_ids", "rejected_response_ids"))
+        lengths = [(batch[key] != tok.pad_token_id).sum(1).tolist() for key in ("chosen_response_ids", "rejected_response_ids")]
         return [
             {
-                "prompt": prompts[row], "chosen": chosen_texts[row], "rejected": rejected_texts[row],
+                "prompt": batch["prompt_text"][row], "chosen": chosen_texts[row], "rejected": rejected_texts[row],
                 "chosen_score": chosen[row], "rejected_score": rejected[row],
+                "chosen_tokens": lengths[0][row], "rejected_tokens": lengths[1][row],
                 "batch": self.batch_names[int(batch["batch"][row])], "confidence": int(batch["confidence"][row]),
-                "domain": "cnndm" if prompts[row].startswith("Article:") else "tldr",
+                "source": self.source_names[int(batch["source"][row])],
             }
             for row in range(len(chosen))
         ]
 
 
-def grouped_accuracy(pairs: list[dict[str, Any]], key: str) -> dict[str, dict[str, float]]:
-    """Accuracy with its interval per value of ``pairs[i][key]`` (sorted by value)."""
+def grouped_mean(pairs: list[dict[str, Any]], key: str, value: str) -> dict[str, dict[str, float]]:
+    """The mean of ``pairs[i][value]`` with its interval per value of ``pairs[i][key]`` (sorted by that value)."""
     groups: dict[Any, list[float]] = {}
     for pair in pairs:
-        groups.setdefault(pair[key], []).append(float(pair["chosen_score"] > pair["rejected_score"]))
+        groups.setdefault(pair[key], []).append(float(pair[value]))
     return {str(group): mean_with_interval(values) for group, values in sorted(groups.items())}
+
+
+def grouped_accuracy(pairs: list[dict[str, Any]], key: str) -> dict[str, dict[str, float]]:
+    """Accuracy with its interval per value of ``pairs[i][key]`` (sorted by value)."""
+    return grouped_mean([{**pair, "correct": pair["chosen_score"] > pair["rejected_score"]} for pair in pairs], key, "correct")
 
 
 def reliability_diagram(bins: list[dict[str, float]], ece: float, path: Path, title: str = "Reward model calibration"):
@@ -96,10 +105,14 @@ def reliability_diagram(bins: list[dict[str, float]], ece: float, path: Path, ti
 def evaluate_reward_model(
     reward_model: Optional[str] = None,
     tokenizer: Optional[str] = None,
-    data: str = "../shared/data/tldr/comparisons",
+    data: Optional[str] = "../shared/data/tldr/comparisons",
+    sources: Optional[list[Source]] = None,
+    format: str = "auto",
+    system_prompt: Optional[str] = None,
     samples: Optional[int] = None,
     query_length: int = 512,
     response_length: int = 169,
+    long_responses: str = "drop",
     batch_size: int = 16,
     num_bins: int = 10,
     judge: Optional[Union[ChatJudge, LogprobJudge]] = None,
@@ -113,9 +126,11 @@ def evaluate_reward_model(
     Args:
         reward_model: a saved reward model directory (e.g. ``runs/quickstart/rm/model``).
         tokenizer: the tokenizer's directory (``None``: the reward model's, where the stage export saves it).
-        data: directory (or hub name) of the comparisons; its ``validation`` split is scored.
-        samples: the first N comparisons (``None``: all).
-        query_length, response_length: recipe D3/D7 shapes (the quickstart uses 192 and 169).
+        data: directory (or hub name) of the comparisons, in any preference format; its ``validation`` split is scored.
+        sources: several sets instead of ``data`` (:class:`~lit_rlhf.data.datamodules.Source`), reported per source.
+        format, system_prompt, long_responses: as the :class:`~lit_rlhf.data.datamodules.PreferenceDataModule`'s.
+        samples: the first N comparisons of each source (``None``: all).
+        query_length, response_length: prompt and response budgets (the TL;DR quickstart uses 192 and 169).
         batch_size: comparisons per forward pass.
         num_bins: calibration bins over [0, 1].
         judge: an LLM or local-LM judge of the same pairs (``--judge.class_path ...ChatJudge --judge.init_args...``).
@@ -125,7 +140,9 @@ def evaluate_reward_model(
 
     Returns:
         the content of ``results.json``: ``accuracy`` (``mean``, ``low``, ``high``, ``n``), ``by_batch``,
-        ``by_confidence``, ``by_domain``, ``calibration`` (``ece``, ``bins``), and with a judge ``judge``
+        ``by_confidence``, ``by_source`` (each source of a mixture; CNN/DM articles as ``{source}/cnndm``),
+        ``longer_wins`` and ``longer_wins_by_source`` (the "longer answer wins" baseline: 1 where the chosen response
+        has more tokens, 0.5 for equal lengths), ``calibration`` (``ece``, ``bins``), and with a judge ``judge``
         (judge-labeller and RM-judge agreement, each with an interval).
 
     Raises:
@@ -139,11 +156,13 @@ def evaluate_reward_model(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     datamodule = PreferenceDataModule(
-        path=data, tokenizer=tokenizer or reward_model, query_length=query_length, response_length=response_length,
-        max_length=query_length + response_length, eval_batch_size=batch_size, val_samples=samples, sft_path=None,
+        path=None if sources else data, sources=sources, format=format, system_prompt=system_prompt,
+        tokenizer=tokenizer or reward_model, query_length=query_length, response_length=response_length,
+        max_length=query_length + response_length, long_responses=long_responses, eval_batch_size=batch_size,
+        val_samples=samples, sft_path=None,
     )
     datamodule.setup("validate")
-    scorer = PairScorer(reward_model, datamodule.batch_names, tokenizer)
+    scorer = PairScorer(reward_model, datamodule.batch_names, tokenizer, datamodule.source_names)
     trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False, enable_checkpointing=False)
     pairs = [row for batch in trainer.predict(scorer, dataloaders=datamodule.val_dataloader()) for row in batch]
 
@@ -152,13 +171,17 @@ def evaluate_reward_model(
     results: dict[str, Any] = {
         "reward_model": reward_model, "accuracy": mean_with_interval(correct),
         "by_batch": grouped_accuracy(pairs, "batch"), "by_confidence": grouped_accuracy(pairs, "confidence"),
-        "by_domain": grouped_accuracy(pairs, "domain"), "calibration": calibration,
+        "by_source": grouped_accuracy(pairs, "source"), "calibration": calibration,
     }
+    for pair in pairs:
+        chosen_tokens, rejected_tokens = pair["chosen_tokens"], pair["rejected_tokens"]
+        pair["longer_wins"] = float(chosen_tokens > rejected_tokens) + 0.5 * float(chosen_tokens == rejected_tokens)
+    results["longer_wins"] = mean_with_interval([pair["longer_wins"] for pair in pairs])
+    results["longer_wins_by_source"] = grouped_mean(pairs, "source", "longer_wins")
     if judge is not None:
-        from lit_rlhf.evaluation.evaluate import post_of
-
         judged = pairs[:judge_samples]
-        verdicts = judge.judge([post_of(p["prompt"]) for p in judged], [p["chosen"] for p in judged], [p["rejected"] for p in judged])
+        verdicts = judge.judge([p["prompt"] for p in judged], [p["chosen"] for p in judged], [p["rejected"] for p in judged],
+                               task=datamodule.task)
         for pair, verdict in zip(judged, verdicts):
             pair["judge"] = verdict.to_dict()
         named = [(v.outcome, c) for v, c in zip(verdicts, correct) if v.answer is not None]
@@ -186,8 +209,11 @@ def markdown(results: dict[str, Any]) -> str:
     """The Markdown tables of :func:`evaluate_reward_model`'s results."""
     lines = ["Reward-model accuracy on the validation comparisons (95% bootstrap intervals)", "",
              "| group | accuracy | 95% interval | n |", "|---|---|---|---|", _row("all", results["accuracy"])]
-    for title, key in (("batch", "by_batch"), ("confidence", "by_confidence"), ("domain", "by_domain")):
+    for title, key in (("batch", "by_batch"), ("confidence", "by_confidence"), ("source", "by_source")):
         lines += [_row(f"{title} {group}", figures) for group, figures in results[key].items()]
+    lines += ["", "Baseline: the longer response wins (ties half)", "", "| group | accuracy | 95% interval | n |", "|---|---|---|---|",
+              _row("all", results["longer_wins"])]
+    lines += [_row(f"source {group}", figures) for group, figures in results["longer_wins_by_source"].items()]
     calibration = results["calibration"]
     lines += ["", f"Calibration (R8): ECE {calibration['ece']:.3f}", "", "| predicted P | mean predicted | empirical | n |",
               "|---|---|---|---|"]
@@ -207,8 +233,10 @@ def _log_tensorboard(results: dict[str, Any], table: str, figure: Any, directory
     logger = TensorBoardLogger(save_dir=str(directory), name="", version="")
     metrics = {"rm_eval/accuracy": results["accuracy"]["mean"], "rm_eval/accuracy_low": results["accuracy"]["low"],
                "rm_eval/accuracy_high": results["accuracy"]["high"], "rm_eval/ece": results["calibration"]["ece"]}
-    for key in ("by_batch", "by_confidence", "by_domain"):
-        metrics.update({f"rm_eval/accuracy_{key[3:]}/{group}": figures["mean"] for group, figures in results[key].items()})
+    metrics["rm_eval/longer_wins"] = results["longer_wins"]["mean"]
+    for key in ("by_batch", "by_confidence", "by_source", "longer_wins_by_source"):
+        name = "longer_wins_source" if key == "longer_wins_by_source" else f"accuracy_{key[3:]}"
+        metrics.update({f"rm_eval/{name}/{group}": figures["mean"] for group, figures in results[key].items()})
     logger.log_metrics(metrics, step=0)
     logger.experiment.add_text("rm_eval/summary", table, 0)
     logger.experiment.add_figure("rm_eval/calibration", figure, 0)

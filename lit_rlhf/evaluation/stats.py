@@ -19,8 +19,10 @@ LENGTH_EDGES = (20, 30, 40, 50)
 
 
 def pairwise_outcomes(scores: torch.Tensor, other_scores: torch.Tensor) -> torch.Tensor:
-    """Per-item outcome of ``scores`` against ``other_scores`` (both ``(N,)``): 1.0 higher, 0.0 lower, 0.5 equal."""
-    return (scores > other_scores).float() + 0.5 * (scores == other_scores).float()
+    """Per-item outcome of ``scores`` against ``other_scores`` (both ``(N,)``): 1.0 higher, 0.0 lower, 0.5 equal, NaN
+    where either is NaN (an item without a reference answer)."""
+    outcomes = (scores > other_scores).float() + 0.5 * (scores == other_scores).float()
+    return outcomes.masked_fill(scores.isnan() | other_scores.isnan(), float("nan"))
 
 
 def mean_with_interval(
@@ -145,3 +147,69 @@ def preference_calibration(
     chosen, rejected = torch.as_tensor(chosen_rewards).float().flatten(), torch.as_tensor(rejected_rewards).float().flatten()
     p = torch.sigmoid(chosen - rejected)
     return calibration(torch.cat([p, 1 - p]), torch.cat([torch.ones_like(p), torch.zeros_like(p)]).long(), num_bins)
+
+
+def length_controlled_win_rate(
+    outcomes: Sequence[float] | torch.Tensor,
+    length_differences: Sequence[float] | torch.Tensor,
+    confidence: float = 0.95,
+    num_resamples: int = 1000,
+    seed: int = 0,
+    ridge: float = 1e-2,
+) -> dict[str, float]:
+    """The length-controlled win rate of AlpacaEval 2 (Dubois et al. 2024, "Length-Controlled AlpacaEval"), for one
+    pair of systems: a logistic model of the judge's preference with a length term,
+
+        ``logit P(a wins) = theta + phi * tanh(d / std(d))``, ``d`` = length of a's response minus b's,
+
+    fitted by maximum likelihood on the per-item outcomes (a tie counts as half a win and half a loss), and read at
+    zero length difference: ``sigmoid(theta)``, the win rate had both responses been of the same length. (AlpacaEval
+    fits the same length term beside per-instruction difficulty terms shared by every model of its leaderboard; with
+    two systems those reduce to ``theta``.) A weak ridge penalty keeps the fit finite when one system wins every item.
+    The interval is a percentile bootstrap over items, the model refitted on each resample.
+
+    Args:
+        outcomes: ``(N,)`` 1 a win of a, 0 a loss, 0.5 a tie.
+        length_differences: ``(N,)`` length of a's response minus b's (AlpacaEval: characters).
+        confidence, num_resamples, seed: as :func:`mean_with_interval`.
+        ridge: the L2 penalty on ``theta`` and ``phi`` (in units of the log-likelihood's sum).
+
+    Returns:
+        ``{"mean", "low", "high", "n", "length_coefficient"}``: the length-controlled win rate, its interval, the number
+        of items and ``phi`` (positive when the judge favours the longer response); NaN figures without items.
+
+    Raises:
+        ValueError: on a size mismatch.
+    """
+    y = torch.as_tensor(outcomes, dtype=torch.float64).flatten()
+    d = torch.as_tensor(length_differences, dtype=torch.float64).flatten()
+    if y.shape != d.shape:
+        raise ValueError(f"outcomes {tuple(y.shape)} and length differences {tuple(d.shape)} differ in shape")
+    n = y.numel()
+    if n == 0:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "length_coefficient": float("nan")}
+    scale = d.std() if n > 1 and d.std() > 0 else torch.tensor(1.0, dtype=torch.float64)
+    x = torch.stack([torch.ones_like(d), torch.tanh(d / scale)], dim=1)  # (N, 2)
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.cat([torch.arange(n)[None], torch.randint(n, (num_resamples, n), generator=generator)])  # (1 + R, N)
+    weights = _fit_logistic(x[rows], y[rows], ridge)  # (1 + R, 2)
+    rates = torch.sigmoid(weights[:, 0])
+    tail = (1.0 - confidence) / 2
+    low, high = torch.quantile(rates[1:], torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return {"mean": rates[0].item(), "low": low, "high": high, "n": n, "length_coefficient": weights[0, 1].item()}
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, ridge: float, iterations: int = 50) -> torch.Tensor:
+    """Ridge logistic regressions with soft targets, one per leading index, by Newton's method: ``x`` ``(R, N, P)``,
+    ``y`` ``(R, N)`` in [0, 1] -> weights ``(R, P)``."""
+    weights = x.new_zeros(x.size(0), x.size(2))
+    eye = torch.eye(x.size(2), dtype=x.dtype)
+    for _ in range(iterations):
+        p = torch.sigmoid(torch.einsum("rnp,rp->rn", x, weights))
+        gradient = torch.einsum("rnp,rn->rp", x, p - y) + ridge * weights
+        hessian = torch.einsum("rnp,rn,rnq->rpq", x, p * (1 - p), x) + ridge * eye
+        step = torch.linalg.solve(hessian, gradient.unsqueeze(-1)).squeeze(-1)
+        weights = weights - step
+        if step.abs().max() < 1e-10:
+            break
+    return weights

@@ -14,24 +14,24 @@ from typing import Any
 
 import torch
 
-from lit_rlhf.data.formatting import completion_ids
 from lit_rlhf.models.forward import model_inputs
 
 
 @torch.no_grad()
-def token_rewards(reward_model: Any, tokenizer: Any, query_ids: list[int], response: str) -> list[tuple[str, float]]:
-    """The reward model's score after each response token of ``response`` (" " + text + EOS, recipe D5).
+def token_rewards(reward_model: Any, tokenizer: Any, query_ids: list[int], response_ids: list[int]) -> list[tuple[str, float]]:
+    """The reward model's score after each token of a response.
 
     Args:
         reward_model: a :class:`~lit_rlhf.models.scalar.ScalarModel` (its R5 bias applied, as in every score).
         tokenizer: its tokenizer (with the ``[PAD]`` of recipe D6).
-        query_ids: the unpadded query token ids (:func:`~lit_rlhf.data.formatting.format_query_ids`).
-        response: the summary text.
+        query_ids: the unpadded query token ids (a batch's ``query_ids`` without the padding).
+        response_ids: the unpadded response token ids, ending with EOS / end of turn (a batch's ``chosen_response_ids``,
+            or :meth:`~lit_rlhf.data.templates.Renderer.response`).
 
     Returns:
         one ``(token text, score)`` per response token, EOS last; the last score is the sequence's reward.
     """
-    response_ids = completion_ids(tokenizer, response, leading_space=True)
+    response_ids = list(response_ids)
     ids = torch.tensor([list(query_ids) + response_ids], device=next(reward_model.parameters()).device)
     scores = reward_model(**model_inputs(ids, tokenizer.pad_token_id)).float()[0, len(query_ids) :]
     return [(tokenizer.decode([token]), float(score)) for token, score in zip(response_ids, scores)]
