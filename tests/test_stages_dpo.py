@@ -121,7 +121,7 @@ def test_online_dpo_previous_reference_follows_the_policy(tiny_model_dir, tiny_r
             seen[-1]["ref"] = {k: v.clone() for k, v in pl_module.ref_policy.state_dict().items()}
 
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        limit_val_batches=0, callbacks=[Snapshot()])
+                        limit_val_batches=0, callbacks=[Snapshot()], default_root_dir=str(tmp_path))  # the iterations' JSONL
     trainer.fit(module, datamodule=data)
     key = "model.layers.1.mlp.up_proj.weight"
     assert module.sft_policy is not None and module.sft_policy is not module.ref_policy
