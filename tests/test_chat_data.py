@@ -214,6 +214,16 @@ def test_end_of_turn_that_is_not_eos_stops_and_the_pad_is_distinct(tmp_path, def
     assert renderer.response(renderer.prompt([USER], 64), ANSWER)[-1] == IM_END  # the template's end of turn
 
 
+def test_a_tokenizers_own_pad_token_is_kept_when_no_stop_token(tmp_path, default_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    tokenizer.pad_token = "<empty_output>"  # id 16: a special token that is no stop token
+    tokenizer.save_pretrained(tmp_path)
+    shutil.copy(default_model_dir / "config.json", tmp_path / "config.json")
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.pad_token_id == 16 and len(loaded) == len(tokenizer)  # no [PAD] added
+    assert Renderer(loaded).encode("x <empty_output> y").count(16) == 0  # text never gives the pad id
+
+
 def test_sft_mask_covers_every_assistant_turn_and_nothing_else(tokenizer):
     renderer = Renderer(tokenizer)
     conversation = [{"role": "system", "content": "Be brief."}, USER, ANSWER, {"role": "user", "content": "Another?"},
@@ -258,6 +268,13 @@ def test_prompts_keep_their_last_turns_and_long_responses_drop_or_truncate(token
         sft_example(long, renderer, Lengths(64, 16, 80), "x")
     example, notes = sft_example(long, renderer, Lengths(64, 16, 80, long_responses="truncate"), "x")
     assert notes == ["whose response was truncated"] and sum(example["loss_mask"]) == 16
+    full = renderer.response(renderer.prompt(long.prompt, 64), long.completion)
+    response = [t for t, m in zip(example["input_ids"], example["loss_mask"]) if m]
+    assert response == full[:16] and response[-1] not in stop_token_ids(tokenizer)  # cut: no end-of-turn
+    example, notes = sft_example(long, renderer, Lengths(64, 16, 80, long_responses="keep_end"), "x")
+    response = [t for t, m in zip(example["input_ids"], example["loss_mask"]) if m]
+    assert notes == ["whose response lost its beginning"] and response == full[-16:]  # its end-of-turn token kept
+    assert tokenizer.eos_token_id in response[-2:]
 
 
 def test_tldr_rows_keep_the_n_plus_template(tokenizer):
@@ -288,6 +305,20 @@ def test_mixture_counts_rows_per_source_and_batches_name_them(tokenizer, default
     batch = dm.collate([dm.splits["validation"][i] for i in (0, 11, 12)])
     assert batch["source"].tolist() == [0, 0, 1]
     assert [dm.batch_names[i] for i in batch["batch"].tolist()][2] in ("arena-bench-v1", "llamafactory-dpo-en-demo")
+
+
+def test_a_source_with_a_training_split_only_holds_out_a_slice(tokenizer, default_model_dir):
+    # RLHFlow's prompt and preference sets have a train split only: validation is its last rows, training the rest
+    source = Source(str(CHAT_DATA / "sft"), splits={"train": "train[:-3]", "validation": "train[-3:]"})
+    dm = SFTDataModule(path=None, sources=[source], tokenizer=str(default_model_dir), query_length=256, response_length=256,
+                       max_length=512, long_responses="truncate")
+    dm.tokenizer = tokenizer
+    dm.setup("fit")
+    rows = [json.loads(line) for line in (CHAT_DATA / "sft" / "train.jsonl").open()]
+    assert dm.source_counts == {"train": {"sft": len(rows) - 3}, "validation": {"sft": 3}}
+    assert [row["reference"] for row in dm.splits["validation"]] == [row["messages"][-1]["content"] for row in rows[-3:]]
+    with pytest.raises(FileNotFoundError, match="dev.jsonl"):
+        dm.build_source(Source(str(CHAT_DATA / "sft"), splits={"validation": "dev[:10]"}), "validation")
 
 
 def test_prompt_rows_from_a_conversation_set_and_their_references(tokenizer, default_model_dir):

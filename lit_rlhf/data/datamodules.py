@@ -40,7 +40,7 @@ from lit_rlhf.data import examples, formats, formatting, templates
 from lit_rlhf.data.examples import Dropped, Lengths
 from lit_rlhf.data.formats import Columns, InvalidRow
 from lit_rlhf.data.formatting import CNNDM_QUERY_LENGTH, pad, trim_padding
-from lit_rlhf.data.io import first_row, load_split
+from lit_rlhf.data.io import first_row, load_split, split_file
 from lit_rlhf.models.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ class Source:
         train_samples / val_samples: use only the first N rows of the split (``None``: the DataModule's setting).
         weight: training rows taken after the cap: ``round(weight * rows)``, the rows repeated when above 1
             (``None``: each row once).
+        splits: the source's split for each of ours, e.g. ``{train: "train[:-2000]", validation: "train[-2000:]"}``
+            for a set that has a training split only (``datasets``' slicing syntax, local directories too; ``None``:
+            the same names).
         prompt_key, completion_key, chosen_key, rejected_key, messages_key, text_key, reference_key: column names.
     """
 
@@ -79,6 +82,7 @@ class Source:
     train_samples: Optional[int] = None
     val_samples: Optional[int] = None
     weight: Optional[float] = None
+    splits: Optional[dict[str, str]] = None
     prompt_key: str = "prompt"
     completion_key: str = "completion"
     chosen_key: str = "chosen"
@@ -86,6 +90,10 @@ class Source:
     messages_key: str = "messages"
     text_key: str = "text"
     reference_key: str = "reference"
+
+    def split(self, split: str) -> str:
+        """The source's name (or slice expression) for our ``split``."""
+        return (self.splits or {}).get(split, split)
 
     def __post_init__(self) -> None:
         if self.format != "auto" and self.format not in formats.FORMATS:
@@ -361,14 +369,14 @@ class _DataModule(L.LightningDataModule):
         else:
             directory = Path(source.path).expanduser()
             if directory.is_dir():
-                file = directory / f"{split}.jsonl"
+                file = directory / f"{split_file(source.split(split))}.jsonl"
                 row = first_row(file)
                 try:
                     format = formats.detect_format(row, row, keys)
                 except ValueError as error:
                     raise ValueError(f"{file}: the first row {error}") from None
             else:
-                data = load_split(source.path, split, (), source.hub_config)
+                data = load_split(source.path, source.split(split), (), source.hub_config)
                 try:
                     format = formats.detect_format(data.column_names, data[0] if len(data) else None, keys)
                 except ValueError as error:
@@ -387,7 +395,7 @@ class _DataModule(L.LightningDataModule):
         format = self.formats[source.name] = self._format(source, split)
         keys = source.columns()
         required = formats.required_columns(format, keys)
-        data = load_split(source.path, split, required, source.hub_config, _row_checker(format, keys, self.invalid_rows))
+        data = load_split(source.path, source.split(split), required, source.hub_config, _row_checker(format, keys, self.invalid_rows))
         if limit is None:
             limit = (source.train_samples or self.train_samples) if split == "train" else (source.val_samples or self.val_samples)
         if limit is not None:
@@ -498,7 +506,8 @@ _COMMON_ARGS = """
             missing or a stop token, recipe D6; linked to the stage's model by the CLI).
         system_prompt: a system message put first in every conversation that has none (``None``: the chat
             template's default).
-        long_responses: ``"drop"`` rows whose response exceeds its budget (N+) or ``"truncate"`` the response.
+        long_responses: ``"drop"`` rows whose response exceeds its budget (N+), ``"truncate"`` the response at its end,
+            or ``"keep_end"``: cut its beginning, keeping its end-of-turn token (recipe W1; TRL's ``keep_end``).
         invalid_rows: ``"drop"`` rows with broken content (an empty turn, roles that do not alternate, a pair without a
             shared prompt, a prompt ending with an assistant turn), counted in one warning, or ``"error"``.
         query_length: prompt budget (clever truncation for TL;DR, recipe D3; the last turns of a conversation) and

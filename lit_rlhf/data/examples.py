@@ -31,8 +31,10 @@ PREFERENCE_COLUMNS = (
     "query_ids", "chosen_ids", "rejected_ids", "chosen_response_ids", "rejected_response_ids", "batch", "confidence", "source",
     "prompt_text",
 )
-#: ``long_responses`` values: drop a row whose response exceeds its budget (N+'s filter), or cut the response
-LONG_RESPONSES = ("drop", "truncate")
+#: ``long_responses`` values: drop a row whose response exceeds its budget (N+'s filter), cut the response's end
+#: (TRL's ``keep_start``), or cut its beginning so that its end and end-of-turn token stay (TRL's ``keep_end``; RLHFlow's
+#: reward model cuts long conversations from the left, recipe W1)
+LONG_RESPONSES = ("drop", "truncate", "keep_end")
 
 
 class Dropped(ValueError):
@@ -52,7 +54,9 @@ class Lengths:
         response_length: response budget, its end-of-turn / EOS token included (TL;DR SFT: 53, RM: 169).
         max_length: fixed width of query + response (TL;DR SFT: 562, RM: 638).
         long_responses: ``"drop"`` a row whose response exceeds ``response_length`` (or whose query + response
-            exceeds ``max_length``), as N+ does, or ``"truncate"`` the response to fit (it then has no end token).
+            exceeds ``max_length``), as N+ does, ``"truncate"`` the response to fit (it then has no end token), or
+            ``"keep_end"``: keep its last tokens, the end token among them (a language-modelling conversation is cut
+            at its end by both).
         cnndm_query_length / cnndm_max_length: the budgets of CNN/DM articles (D3: 1,919 and that + response_length).
         reference_length: the budget of a prompt row's reference answer (``None``: ``response_length``).
     """
@@ -82,6 +86,9 @@ def _fit(response: list[int], budget: int, lengths: Lengths, notes: list[str]) -
         return response
     if lengths.long_responses == "drop" or budget <= 0:
         raise Dropped("whose response exceeds the fixed length")
+    if lengths.long_responses == "keep_end":
+        notes.append("whose response lost its beginning")
+        return response[-budget:]
     notes.append("whose response was truncated")
     return response[:budget]
 

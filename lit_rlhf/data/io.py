@@ -94,6 +94,11 @@ def looks_like_hub_name(source: str) -> bool:
     return len(parts) <= 2 and all(parts) and not source.startswith(("~", ".")) and "\\" not in source and not source.endswith(".jsonl")
 
 
+def split_file(split: str) -> str:
+    """The split name of a split expression: ``"train"`` for ``"train[-2000:]"`` (``datasets``' slicing syntax)."""
+    return split.split("[", 1)[0]
+
+
 def load_split(
     source: str,
     split: str,
@@ -109,7 +114,8 @@ def load_split(
 
     Args:
         source: directory path or hub dataset name (e.g. ``vwxyzjn/summarize_from_feedback_tldr_3_filtered``).
-        split: ``"train"``, ``"validation"`` or ``"test"``.
+        split: ``"train"``, ``"validation"`` or ``"test"``, or a slice of one in ``datasets``' syntax
+            (``"train[:-2000]"``, ``"train[-2000:]"``, ``"train[:5%]"``): a local directory's ``train.jsonl`` then.
         required: fields every record must have (dotted names for nested fields).
         hub_config: the hub dataset's configuration (``"comparisons"`` for OpenAI's preference data).
         check: a further per-record check for local files (see :func:`validate_jsonl`).
@@ -122,9 +128,9 @@ def load_split(
     required = list(required)
     directory = Path(source).expanduser()
     if directory.is_dir():
-        path = directory / f"{split}.jsonl"
+        path = directory / f"{split_file(split)}.jsonl"
         validate_jsonl(path, required, check)
-        return datasets.load_dataset("json", data_files={split: str(path)}, split=split)
+        return datasets.load_dataset("json", data_files={split_file(split): str(path)}, split=split)
     if directory.is_file():
         raise FileNotFoundError(
             f"data path {source} is a file: pass the directory that holds {{train,validation}}.jsonl "
