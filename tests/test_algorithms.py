@@ -19,6 +19,7 @@ from lit_rlhf.algorithms import (
     KLController,
     adaptive_kl_coef,
     entropy_from_logits,
+    eos_penalized,
     first_true_indices,
     gae_advantages,
     kl_penalty_rewards,
@@ -29,6 +30,7 @@ from lit_rlhf.algorithms import (
     masked_var,
     masked_whiten,
     pairwise_reward_loss,
+    penalize_missing_eos,
     ppo_policy_loss,
     ppo_value_loss,
     response_padding_masks,
@@ -71,6 +73,18 @@ def test_truncate_after_eos_pads_after_first_eos_and_keeps_it():
     out = truncate_after_eos(responses, eos, pad)
     assert out.tolist() == [[5, 2, 9, 9], [5, 6, 7, 8], [2, 9, 9, 9], [5, 6, 7, 2]]
     assert torch.equal(responses, original), "the input must not be modified in place"
+
+
+def test_missing_eos_is_replaced_n_plus_style_or_subtracted_trl_style():
+    responses = T([[5, 2, 9], [5, 6, 7], [4, 7, 3]])  # EOS 2 in row 0; stop ids [2, 3]: row 2 ends its turn with 3
+    scores = T([-2.5, -2.0, -3.0])  # a chat RM: every score below N+'s -1
+    assert penalize_missing_eos(scores, responses, 2, -1.0).tolist() == [-2.5, -1.0, -1.0]  # P3: rows 1, 2 rewarded!
+    assert penalize_missing_eos(scores, responses, [2, 3], -1.0).tolist() == [-2.5, -1.0, -3.0]
+    assert penalize_missing_eos(scores, responses, [2, 3], 1.5, subtract=True).tolist() == [-2.5, -3.5, -3.0]
+    # the stages' rule: TRL's subtraction when set, else N+'s replacement when on, else nothing
+    assert eos_penalized(scores, responses, [2, 3], True, -1.0, missing_eos_penalty=1.5).tolist() == [-2.5, -3.5, -3.0]
+    assert eos_penalized(scores, responses, [2, 3], True, -1.0).tolist() == [-2.5, -1.0, -3.0]
+    assert eos_penalized(scores, responses, [2, 3], False, -1.0).tolist() == [-2.5, -2.0, -3.0]
 
 
 @pytest.mark.parametrize(

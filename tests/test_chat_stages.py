@@ -191,3 +191,33 @@ def test_eval_rm_on_the_mixture_reports_each_source(root, rm_run):
     for source in ("hh-rlhf-harmless", "preferences"):
         assert results["by_source"][source]["n"] == 6
         assert 0.0 <= results["longer_wins_by_source"][source]["mean"] <= 1.0
+
+
+def test_reward_model_runs_each_chat_pairs_prompt_once_with_the_whole_rows_scores(tiny_model_dir, sft_run):
+    """The RM's trunk cache and shared-prompt path on real chat pairs (both sources of the mixture): the scores read at
+    each response's end-of-turn token equal those of the two sequences run whole."""
+    from lit_rlhf.data.datamodules import PreferenceDataModule
+    from lit_rlhf.models.forward import sequence_scores
+    from lit_rlhf.models.trunk import clear_trunk_caches
+    from lit_rlhf.stages.reward import RewardModule
+
+    clear_trunk_caches()
+    data = PreferenceDataModule(**{**PREFERENCE_DATA, "long_responses": "keep_end"}, tokenizer=str(tiny_model_dir),
+                                batch_size=4, eval_batch_size=12)
+    data.setup("fit")
+    batch = next(iter(data.val_dataloader()))
+    module = RewardModule(model=str(sft_run / "model"), trainable_layers=1, normalize=False)
+    module.configure_model()
+    module.share_frozen_trunks()  # (the Trainer does this at the start of fit)
+    pad = module.tokenizer.pad_token_id
+    assert set(batch["source"].tolist()) == {0, 1}
+    with torch.no_grad():
+        chosen, rejected = module.pair_scores(batch)
+        whole = [sequence_scores(module.reward_model, batch[key], pad) for key in ("chosen_ids", "rejected_ids")]
+    torch.testing.assert_close(chosen, whole[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(rejected, whole[1], rtol=0, atol=1e-5)
+    assert module.trunk.cache.misses == 12  # one trunk forward per pair: its prompt once, both responses after it
+    ends = [(batch[key] != pad).sum(1) - 1 for key in ("chosen_ids", "rejected_ids")]
+    stops = set(stop_token_ids(module.tokenizer))
+    for key, last in zip(("chosen_ids", "rejected_ids"), ends):  # "keep_end": every response still ends its turn
+        assert all(int(batch[key][row, index]) in stops for row, index in enumerate(last.tolist()))

@@ -62,9 +62,13 @@ def truncate_after_eos(responses: torch.Tensor, eos_token_id: StopIds, pad_token
     return responses.masked_fill(positions > eos_index.unsqueeze(1), pad_token_id)
 
 
-def penalize_missing_eos(scores: torch.Tensor, responses: torch.Tensor, eos_token_id: StopIds, penalty: float) -> torch.Tensor:
-    """Replace the score of every response without an EOS (without any of several stop ids) by ``penalty`` (recipe P3:
-    -1).
+def penalize_missing_eos(
+    scores: torch.Tensor, responses: torch.Tensor, eos_token_id: StopIds, penalty: float, subtract: bool = False
+) -> torch.Tensor:
+    """The scores with every response without an EOS (without any of several stop ids) penalised: its score replaced by
+    ``penalty`` (recipe P3, N+: -1, which suits a reward model whose scores centre on 0, R5), or with ``subtract``
+    lowered by ``penalty`` (TRL's ``missing_eos_penalty``: for a reward model of any offset and scale, e.g. a chat RM
+    whose scores sit well below -1, where a fixed -1 would reward the unfinished responses).
 
     Args:
         scores: ``(B,)`` reward-model scores.
@@ -74,7 +78,18 @@ def penalize_missing_eos(scores: torch.Tensor, responses: torch.Tensor, eos_toke
         ``(B,)`` new tensor.
     """
     contains_eos = is_stop(responses, eos_token_id).any(dim=1)
-    return torch.where(contains_eos, scores, torch.full_like(scores, penalty))
+    return torch.where(contains_eos, scores, scores - penalty if subtract else torch.full_like(scores, penalty))
+
+
+def eos_penalized(
+    scores: torch.Tensor, responses: torch.Tensor, eos_token_id: StopIds, non_eos_penalty: bool, penalty_reward_value: float,
+    missing_eos_penalty: Optional[float] = None,
+) -> torch.Tensor:
+    """The stages' rule for responses without a stop token: ``missing_eos_penalty`` subtracted when set (TRL), else
+    the score replaced by ``penalty_reward_value`` when ``non_eos_penalty`` (N+, P3), else the score as it is."""
+    if missing_eos_penalty is not None:
+        return penalize_missing_eos(scores, responses, eos_token_id, missing_eos_penalty, subtract=True)
+    return penalize_missing_eos(scores, responses, eos_token_id, penalty_reward_value) if non_eos_penalty else scores
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

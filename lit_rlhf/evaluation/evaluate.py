@@ -46,7 +46,8 @@ class PolicySampler(L.LightningModule):
         reward_model: a saved :class:`~lit_rlhf.models.scalar.ScalarModel`, or ``None`` (no scores).
         ref_policy: the policy the KL is measured against (the SFT policy), or ``None`` (no KL).
         response_length, temperature, seed: sampling (temperature 0.01 is N+'s evaluation setting).
-        truncate_after_eos, non_eos_penalty, penalty_reward_value: recipe P3, as in validation.
+        truncate_after_eos, non_eos_penalty, penalty_reward_value, missing_eos_penalty: recipe P3 or TRL's
+            subtracted penalty, as in validation.
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class PolicySampler(L.LightningModule):
         truncate_after_eos: bool = True,
         non_eos_penalty: bool = True,
         penalty_reward_value: float = -1.0,
+        missing_eos_penalty: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.tokenizer = load_tokenizer(tokenizer)
@@ -69,6 +71,7 @@ class PolicySampler(L.LightningModule):
         self.ref_policy = load_causal_lm(ref_policy).eval() if ref_policy else None
         self.response_length, self.temperature, self.seed = response_length, temperature, seed
         self.truncate, self.non_eos_penalty, self.penalty = truncate_after_eos, non_eos_penalty, penalty_reward_value
+        self.missing_eos_penalty = missing_eos_penalty
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
@@ -79,6 +82,7 @@ class PolicySampler(L.LightningModule):
             sample = sample_and_score(
                 self.policy, self.reward_model, queries, tok, self.response_length, self.temperature,
                 self.truncate, self.non_eos_penalty, self.penalty, batch["reference_ids"] if self.reward_model is not None else None,
+                self.missing_eos_penalty,
             )
         items = {
             "response": decode_responses(tok, sample["responses"]),
@@ -151,6 +155,7 @@ def evaluate(
     temperature: float = 0.01,
     seed: int = 1,
     non_eos_penalty: bool = True,
+    missing_eos_penalty: Optional[float] = None,
     length_edges: list[int] = list(LENGTH_EDGES),
     output_dir: str = "runs/eval",
     accelerator: str = "auto",
@@ -187,6 +192,7 @@ def evaluate(
         temperature: sampling temperature (N+: 0.01).
         seed: the sampling seed (per batch: ``seed + batch index``) and the judges' order seed.
         non_eos_penalty: a response without EOS scores -1 with the reward model (recipe P3, as in validation).
+        missing_eos_penalty: instead subtract this from such a response's RM score (TRL's; for a chat RM).
         length_edges: response-length bucket edges in tokens.
         output_dir: where the outputs go.
         accelerator, precision: Lightning's, for the sampling (on one device, so that the items stay whole and in order).
@@ -236,7 +242,8 @@ def evaluate(
     results: dict[str, Any] = {"samples": len(datamodule.splits["validation"]), "temperature": temperature, "policies": {}}
     for name, policy in zip(names, policies):
         sampler = PolicySampler(
-            policy, policies[0], reward_model, ref_policy, response_length, temperature, seed, non_eos_penalty=non_eos_penalty
+            policy, policies[0], reward_model, ref_policy, response_length, temperature, seed, non_eos_penalty=non_eos_penalty,
+            missing_eos_penalty=missing_eos_penalty,
         )
         trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False, enable_checkpointing=False)
         rows = [row for batch in trainer.predict(sampler, dataloaders=datamodule.val_dataloader()) for row in batch]

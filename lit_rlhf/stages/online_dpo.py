@@ -83,6 +83,8 @@ class OnlineDPOModule(PolicyValidation, StageModule):
         eval_temperature: sampling temperature of validation (0.01, near-greedy, as N+'s PPO validation; the
             quickstart uses 0.7 for every policy, see ``configs/quickstart/ppo.yaml``).
         truncate_after_eos, non_eos_penalty, penalty_reward_value: EOS handling as PPO (P3).
+        missing_eos_penalty: subtracted from the score of a response without a stop token instead of N+'s replacement
+            (TRL's; a chat RM's scores are not centred on 0, so a fixed -1 can beat the finished responses).
         pair_strategy: ``"best_vs_worst"`` (paper, "max-min") or ``"best_vs_random"``.
         length_penalty: reward units per response character subtracted before ranking (W5, Eq. 9; their concise
             model 0.001; 0 = off).
@@ -125,6 +127,7 @@ class OnlineDPOModule(PolicyValidation, StageModule):
         truncate_after_eos: bool = True,
         non_eos_penalty: bool = True,
         penalty_reward_value: float = -1.0,
+        missing_eos_penalty: Optional[float] = None,
         pair_strategy: str = "best_vs_worst",
         length_penalty: float = 0.0,
         beta: float = 0.1,
@@ -244,7 +247,7 @@ class OnlineDPOModule(PolicyValidation, StageModule):
                 rows.append(group[part])
                 parts.append(sample_and_score(
                     self.policy, self.reward_model, expanded[group[part]], self.tokenizer, hp.response_length, temperature,
-                    hp.truncate_after_eos, hp.non_eos_penalty, hp.penalty_reward_value,
+                    hp.truncate_after_eos, hp.non_eos_penalty, hp.penalty_reward_value, None, hp.missing_eos_penalty,
                 ))
         order = torch.cat(rows).argsort()  # back to rows p * K + k
         data = {key: torch.cat([part[key] for part in parts])[order] for key in parts[0]}  # every part (b, T) wide

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import CatMetric, MeanMetric
 
-from lit_rlhf.algorithms import is_stop, penalize_missing_eos, truncate_after_eos
+from lit_rlhf.algorithms import eos_penalized, is_stop, truncate_after_eos
 from lit_rlhf.evaluation.stats import mean_with_interval, pairwise_outcomes
 from lit_rlhf.models.forward import generate, response_logprobs, sequence_scores, shared_prefix_scores
 from lit_rlhf.models.loading import stop_token_ids
@@ -41,6 +41,7 @@ def sample_and_score(
     non_eos_penalty: bool = True,
     penalty_reward_value: float = -1.0,
     reference_ids: Optional[torch.Tensor] = None,
+    missing_eos_penalty: Optional[float] = None,
 ) -> dict[str, torch.Tensor]:
     """Sample one response per query and score it with the reward model (recipe P2, P3, R3).
 
@@ -49,6 +50,8 @@ def sample_and_score(
         queries: ``(B, Q)`` left-padded query ids.
         truncate: replace tokens after the first stop token (EOS, end of turn) by PAD before scoring (P3).
         non_eos_penalty: a response without a stop token scores ``penalty_reward_value`` (P3).
+        missing_eos_penalty: instead, subtract this from such a response's score (TRL's; for chat reward models whose
+            scores are not centred on 0, :func:`~lit_rlhf.algorithms.penalize_missing_eos`).
         reference_ids: ``(B, R)`` the reference answers rendered as responses (right-padded, the batch's
             ``reference_ids``; a row of pads has no reference), scored after the same queries (``reference_scores``);
             each query then runs once for both (:func:`shared_query_scores`).
@@ -80,7 +83,7 @@ def sample_and_score(
                 0, others, sequence_scores(reward_model, query_responses[others], pad))
             reference_scores = torch.full_like(scores, float("nan")).index_copy_(0, rows, reference_scores)
         sample["reference_scores"] = reference_scores
-    sample["scores"] = penalize_missing_eos(scores, postprocessed, stops, penalty_reward_value) if non_eos_penalty else scores
+    sample["scores"] = eos_penalized(scores, postprocessed, stops, non_eos_penalty, penalty_reward_value, missing_eos_penalty)
     return sample
 
 
@@ -159,7 +162,7 @@ class PolicyValidation:
     """Mixin for a LightningModule with ``policy``, ``reward_model``, ``tokenizer`` and :meth:`eval_reference`.
 
     Hyperparameters read: ``response_length``, ``seed``, ``num_samples``, ``truncate_after_eos``,
-    ``non_eos_penalty``, ``penalty_reward_value`` and ``eval_temperature`` (the sampling temperature: N+ samples
+    ``non_eos_penalty``, ``penalty_reward_value``, ``missing_eos_penalty`` and ``eval_temperature`` (the sampling temperature: N+ samples
     validation responses at 0.01; the KL uses logprobs scaled by the same temperature, P4).
     Sampling uses a fixed seed per validation batch and rank, so two policies (or one evaluated twice) see the
     same random numbers. ``policy_trunk`` (a :class:`~lit_rlhf.models.trunk.FrozenTrunk` over policy and
@@ -194,6 +197,7 @@ class PolicyValidation:
             sample = sample_and_score(
                 self.policy, self.reward_model, queries, tok, hp.response_length, temperature,
                 hp.truncate_after_eos, hp.non_eos_penalty, hp.penalty_reward_value, batch.get("reference_ids"),
+                hp.get("missing_eos_penalty"),
             )
         self.val_scores.update(sample["scores"])
         if self.reference_is_policy:  # the SFT policy against itself: KL 0 without running both models

@@ -17,6 +17,7 @@ from lit_rlhf.algorithms import (
     SCORE_POSITIONS,
     KLController,
     RunningMoments,
+    eos_penalized,
     first_true_indices,
     gae_advantages,
     is_stop,
@@ -25,7 +26,6 @@ from lit_rlhf.algorithms import (
     masked_whiten,
     minibatch_advantages,
     normalize_scores,
-    penalize_missing_eos,
     ppo_policy_loss,
     ppo_value_loss,
     response_padding_masks,
@@ -71,6 +71,8 @@ class PPOModule(PolicyValidation, StageModule):
         truncate_after_eos: replace tokens after the first EOS by PAD before scoring (P3).
         non_eos_penalty: responses without EOS get ``penalty_reward_value`` as score (P3).
         penalty_reward_value: that score (P3: -1).
+        missing_eos_penalty: instead subtract this from the score of a response without EOS (TRL's
+            ``missing_eos_penalty``; for a reward model whose scores are not centred on 0, as a chat RM's).
         kl_coef: KL coefficient of the per-token penalty (P5: 0.05, fixed); the initial value when ``kl_target`` is set.
         kl_target: adaptive KL controller (Ziegler et al. 2019; :func:`~lit_rlhf.algorithms.adaptive_kl_coef`): the
             target KL in nats per response (6 in their work). ``None`` (N+, P5) keeps ``kl_coef`` fixed. The
@@ -142,6 +144,7 @@ class PPOModule(PolicyValidation, StageModule):
         truncate_after_eos: bool = True,
         non_eos_penalty: bool = True,
         penalty_reward_value: float = -1.0,
+        missing_eos_penalty: Optional[float] = None,
         kl_coef: float = 0.05,
         kl_target: Optional[float] = None,
         kl_horizon: int = 10000,
@@ -317,8 +320,7 @@ class PPOModule(PolicyValidation, StageModule):
         # 4. no EOS -> penalty score (P3); policy positions after the last real token L are masked (P4), values
         #    after L + 1 with the N+ score position (padding_mask_p1, P5)
         last_index = first_true_indices(postprocessed == pad) - 1  # (B,) index L of EOS / last token
-        if hp.non_eos_penalty:
-            scores = penalize_missing_eos(scores, postprocessed, eos, hp.penalty_reward_value)
+        scores = eos_penalized(scores, postprocessed, eos, hp.non_eos_penalty, hp.penalty_reward_value, hp.missing_eos_penalty)
         response_length = postprocessed.size(1)
         padding_mask, value_padding_mask = response_padding_masks(last_index, response_length, hp.score_position)  # (B, T)
         logprobs = logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
