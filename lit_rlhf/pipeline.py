@@ -1,5 +1,11 @@
 """Run SFT -> RM -> PPO (and DPO, online DPO) from one config directory and print the summary.
 
+A config directory with a ``pipeline.yaml`` lists its own steps (``steps``: ``name``, ``stage`` (a ``lit-rlhf``
+subcommand, ``eval`` included), ``command`` (``fit``/``validate``; none for ``eval``) and ``config``) and its
+``summary`` (``"chat"``: :func:`lit_rlhf.evaluation.report.chat_summary`); ``configs/quickstart_chat`` is one (``make
+quickstart-chat``: SFT, a reward model on a mixture of chat preference sets, online iterative DPO, ``eval`` on MT-Bench).
+Without one, the TL;DR quickstart's steps below run.
+
 ``python -m lit_rlhf.pipeline configs/quickstart`` (the quickstart's main job) runs, each through the
 ``lit-rlhf`` CLI:
 
@@ -27,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from lit_rlhf.evaluation.report import summary
+from lit_rlhf.evaluation.report import chat_summary, summary
 
 
 def cpu_precision() -> str:
@@ -67,6 +73,22 @@ def _extra_args(step: str, configs: dict[str, Path], run_dir: Path) -> list[str]
     ]
 
 
+def _steps_of(config_dir: Path) -> tuple[list[tuple[str, str, str, str]], str]:
+    """The steps (``(name, stage, command, config stem)``) and summary kind of a directory's ``pipeline.yaml``.
+
+    Raises:
+        SystemExit: naming the file and the step, for a step without a name, stage or config.
+    """
+    spec = yaml.safe_load((config_dir / "pipeline.yaml").read_text())
+    steps = []
+    for index, step in enumerate(spec.get("steps") or []):
+        missing = [key for key in ("name", "stage", "config") if not step.get(key)]
+        if missing:
+            raise SystemExit(f"{config_dir / 'pipeline.yaml'}: step {index + 1} lacks {missing}")
+        steps.append((step["name"], step["stage"], step.get("command", ""), Path(step["config"]).stem))
+    return steps, spec.get("summary", "tldr")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config_dir", type=Path, help="directory with sft.yaml, rm.yaml, ppo.yaml (and dpo.yaml, online_dpo.yaml)")
@@ -75,12 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dpo", action="store_true", help="run offline and online DPO on a finished main job's outputs")
     parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (e.g. 'online-dpo fit'), keeping the rest")
     args = parser.parse_args(argv)
-    steps = DPO_STEPS if args.dpo else STEPS
-    if args.only:
-        unknown = set(args.only) - {name for name, *_ in steps}
-        if unknown:
-            raise SystemExit(f"unknown step(s) {sorted(unknown)}; steps: {[name for name, *_ in steps]}")
-        steps, args.keep = [step for step in steps if step[0] in args.only], True
+    if (args.config_dir / "pipeline.yaml").is_file():
+        return _run_listed(args)
+    steps = _selected(DPO_STEPS if args.dpo else STEPS, args)
     configs = {stem: args.config_dir / f"{stem}.yaml" for _, _, _, stem in STEPS + steps}
     for path in configs.values():
         if not path.is_file():
@@ -98,8 +117,29 @@ def main(argv: list[str] | None = None) -> None:
     timings_path = run_dir / "timings.json"
     keep_timings = (args.dpo or args.only) and timings_path.is_file()
     timings: dict[str, float] = json.loads(timings_path.read_text())["stages"] if keep_timings else {}
-    for name, stage, command, stem in steps:
-        cli = [stage, command, "--config", str(configs[stem]), "--trainer.precision", precision, *_extra_args(name, configs, run_dir)]
+    commands = {
+        name: [stage, command, "--config", str(configs[stem]), "--trainer.precision", precision, *_extra_args(name, configs, run_dir)]
+        for name, stage, command, stem in steps
+    }
+    _run_commands(commands, timings, timings_path, precision)
+    print(summary(run_dir))
+
+
+def _selected(steps: list[tuple[str, str, str, str]], args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    """The steps ``--only`` names (which then implies ``--keep``), all of them without it."""
+    if not args.only:
+        return steps
+    unknown = set(args.only) - {name for name, *_ in steps}
+    if unknown:
+        raise SystemExit(f"unknown step(s) {sorted(unknown)}; steps: {[name for name, *_ in steps]}")
+    args.keep = True
+    return [step for step in steps if step[0] in args.only]
+
+
+def _run_commands(commands: dict[str, list[str]], timings: dict[str, float], timings_path: Path, precision: str) -> None:
+    """Run each step's ``lit-rlhf`` command line in a fresh process, its wall time written to ``timings_path`` after
+    each; a failing step stops the pipeline with its exit code."""
+    for name, cli in commands.items():
         print(f"\n>>> lit-rlhf {' '.join(cli)}", flush=True)
         start = time.time()
         result = subprocess.run([sys.executable, "-m", "lit_rlhf.cli", *cli])
@@ -107,7 +147,32 @@ def main(argv: list[str] | None = None) -> None:
         timings_path.write_text(json.dumps({"precision": precision, "stages": timings}, indent=1))
         if result.returncode != 0:
             raise SystemExit(f"step '{name}' failed with exit code {result.returncode}")
-    print(summary(run_dir))
+
+
+def _run_listed(args: argparse.Namespace) -> None:
+    """The steps of the config directory's ``pipeline.yaml``, then its summary."""
+    steps, kind = _steps_of(args.config_dir)
+    configs = {stem: args.config_dir / f"{stem}.yaml" for _, _, _, stem in steps}
+    for path in configs.values():
+        if not path.is_file():
+            raise SystemExit(f"missing config {path}")
+    trained = [stem for _, stage, _, stem in steps if stage != "eval"]
+    run_dir = _root(configs[trained[0]]).parent
+    steps = _selected(steps, args)
+    if run_dir.exists() and not args.keep:
+        print(f"emptying {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    precision = cpu_precision() if args.precision == "auto" else args.precision
+    timings_path = run_dir / "timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text())["stages"] if args.only and timings_path.is_file() else {}
+    commands = {
+        name: ["eval", "--config", str(configs[stem]), "--precision", precision] if stage == "eval"
+        else [stage, command, "--config", str(configs[stem]), "--trainer.precision", precision]
+        for name, stage, command, stem in steps
+    }
+    _run_commands(commands, timings, timings_path, precision)
+    print(chat_summary(run_dir) if kind == "chat" else summary(run_dir))
 
 
 if __name__ == "__main__":

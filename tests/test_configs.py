@@ -62,3 +62,37 @@ def test_paper_config_has_an_fsdp2_variant(size, stage, capsys):
     assert exit_info.value.code in (0, None)
     strategy = yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]
     assert strategy["class_path"] == "lit_rlhf.strategies.FSDP2Strategy" and strategy["init_args"]["shard_frozen"] is True
+
+
+RLHFLOW = ROOT / "configs" / "rlhflow"
+
+
+@pytest.mark.parametrize("stage, command", [("rm", "rm"), ("online_dpo", "online-dpo")])
+def test_rlhflow_configs_parse_and_carry_the_workflow_values(stage, command, capsys):
+    """``configs/rlhflow`` (recipe §3): W1's reward model and W3-W7's online iterative DPO, as the CLI reads them."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "fit", "--config", str(RLHFLOW / f"{stage}.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    model, data, trainer = config["model"], config["data"], config["trainer"]
+    devices, accumulate = trainer["devices"], trainer["accumulate_grad_batches"]
+    if stage == "rm":  # W1: lr 2e-6, cosine with warm-up 0.03, 1 epoch, global batch 512, long conversations cut on the left
+        assert (model["lr"], model["warmup_ratio"], trainer["max_epochs"]) == (2e-6, 0.03, 1)
+        assert devices * data["batch_size"] * accumulate == 512 and data["long_responses"] == "keep_end"
+        assert model["normalize"] is False
+    else:  # W3-W7
+        assert trainer["max_epochs"] == 3 and data["total_episodes"] == 20000
+        assert model["samples_per_prompt"] == 8 and model["temperatures"] == [1.0, 0.7] and model["response_length"] == 2048
+        assert model["pair_strategy"] == "best_vs_worst" and model["beta"] == 0.1 and model["lr"] == 5e-7
+        assert (model["lr_schedule"], model["warmup_ratio"], model["dpo_epochs"]) == ("cosine", 0.03, 2)
+        assert devices * model["dpo_batch_size"] == 128 and model["reference"] == "sft"
+    for source in data["sources"]:  # hub sets with a train split only: validation is a held-out slice
+        assert source["splits"]["validation"].startswith("train[-")
+
+
+def test_rlhflow_eval_config_parses(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--config", str(RLHFLOW / "eval.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["task"] == "chat" and config["head_to_head"] and config["llm_judge"]["init_args"]["model"] == "gpt-4-turbo"

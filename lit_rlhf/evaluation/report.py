@@ -132,6 +132,19 @@ def _timings(meta: dict[str, Any]) -> list[str]:
     return lines + [f"  {'total':<16}{total:8.1f}"]
 
 
+def _paired_gain(eval_dir: Path, base: str, name: str) -> str:
+    """``+mean (low to high)``: the mean per-prompt RM score difference of policy ``name`` over ``base`` on the same
+    prompts (``eval``'s ``items-*.jsonl``), with its bootstrap 95% interval; ``n/a`` without both files."""
+    from lit_rlhf.evaluation.stats import mean_with_interval
+
+    paths = [eval_dir / f"items-{policy}.jsonl" for policy in (base, name)]
+    if not all(path.is_file() for path in paths):
+        return "n/a"
+    base_items, items = ([json.loads(line) for line in path.read_text().splitlines() if line.strip()] for path in paths)
+    gain = mean_with_interval([b["score"] - a["score"] for a, b in zip(base_items, items)])
+    return f"{gain['mean']:+.3f} ({gain['low']:+.3f} to {gain['high']:+.3f})"
+
+
 def chat_summary(run_dir: Path) -> str:
     """The chat quickstart's summary (``make quickstart-chat``): the reward model's accuracy per source with its interval
     beside the "longer answer wins" baseline, the online-DPO iterations on their training prompts
@@ -179,13 +192,14 @@ def chat_summary(run_dir: Path) -> str:
         base = next(iter(policies))
         lines.append(f"\nPolicies on the {results['samples']} evaluation prompts (temperature {results['temperature']}; RM judge; "
                      "95% CI; LC: length-controlled, AlpacaEval 2)")
-        lines.append(f"  {'policy':<10}{'RM score':>10}{'KL':>8}{'chars':>7}   {'win rate vs reference':<24}"
-                     f"{'LC win rate vs reference':<26}{'win rate vs ' + base:<24}")
+        lines.append(f"  {'policy':<10}{'RM score':>10}{'gain over ' + base + ' (paired)':>34}{'KL':>7}{'chars':>7}   "
+                     f"{'win rate vs reference':<24}{'LC win rate vs reference':<26}{'win rate vs ' + base:<24}")
         for name, policy in policies.items():
             rm_judge = policy["judges"].get("rm", {})
             pair = results.get("head_to_head", {}).get(f"{base} vs {name}", {}).get("rm")
             versus = "-" if name == base else _rate(pair["win_rate"], invert=True) if pair else "n/a"
-            lines.append(f"  {name:<10}{_fmt(policy.get('mean_score')):>10}{_fmt(policy.get('mean_kl'), 2):>8}"
+            gain = "-" if name == base else _paired_gain(run_dir / "eval", base, name)
+            lines.append(f"  {name:<10}{_fmt(policy.get('mean_score')):>10}{gain:>34}{_fmt(policy.get('mean_kl'), 2):>7}"
                          f"{policy.get('mean_chars', 0):>7.0f}   {_rate(rm_judge.get('win_rate')):<24}"
                          f"{_rate(rm_judge.get('lc_win_rate')):<26}{versus:<24}")
     if meta.get("stages"):
