@@ -86,7 +86,9 @@ def test_rm_on_a_mixture_reports_each_source_beside_the_length_baseline(rm_run):
 
 
 def test_dpo_on_chat_preferences(root, sft_run):
-    config = stage_config("dpo", root, model={"model": str(sft_run / "model"), "lr": 1e-3}, data=PREFERENCE_DATA)
+    # one frozen block: the policy and reference share its trunk, each pair's prompt running once (as the RM)
+    model = {"model": str(sft_run / "model"), "lr": 1e-3, "trainable_layers": 1}
+    config = stage_config("dpo", root, model=model, data=PREFERENCE_DATA)
     main(["dpo", "fit", "--config", str(config)])
     metrics = last_record(root / "dpo", "fit")["metrics"]
     assert_finite(metrics, "train/loss", "val/loss", "val/accuracy", "val/reward_margin", "val/accuracy_source/preferences")

@@ -54,6 +54,8 @@ def test_the_same_policy_twice_samples_the_same_responses_and_ties_head_to_head(
     first, second = read_items(out / "items-first.jsonl"), read_items(out / "items-second.jsonl")
     assert [i["response"] for i in first] == [i["response"] for i in second]
     assert results["head_to_head"]["first vs second"]["rm"]["win_rate"]["mean"] == 0.5
+    # the reference answers are scored once (with the first policy) and shared
+    assert [i["reference_score"] for i in first] == [i["reference_score"] for i in second]
 
 
 def test_outputs_markdown_results_and_tensorboard(evaluated):

@@ -135,6 +135,24 @@ def test_chat_judge_round_trip_order_and_cache(judge_server, tmp_path):
     assert len(cache.read_text().splitlines()) == 3 + sum(not v.cached for v in other)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_chat_judge_with_the_chat_pairwise_prompt(judge_server, tmp_path):
+    """``task="chat"`` (``lit-rlhf eval`` on chat prompts): the MT-Bench-style prompt goes to the server, and the
+    verdict is read from its answer."""
+    base_url, model = judge_server
+    cache = tmp_path / "judge_cache.jsonl"
+    questions = ["Name a prime number between 10 and 15.", "What is the capital of France?"]
+    good, bad = ["13 is prime.", "Paris."], ["12.", "Bananas are yellow."]
+    verdicts = ChatJudge(base_url, model, cache_path=str(cache), seed=1, max_tokens=48).judge(
+        questions, good, bad, progress=False, task="chat"
+    )
+    records = [json.loads(line) for line in cache.read_text().splitlines()]
+    for verdict, record, question in zip(verdicts, records, questions):
+        assert record["prompt"].startswith("You are an impartial judge") and f"[Conversation]\n{question}\n" in record["prompt"]
+        assert verdict.answer == parse_choice(verdict.raw) and verdict.outcome in (0.0, 0.5, 1.0)
+
+
 def test_chat_judge_errors(tmp_path):
     pytest.importorskip("openai")
     down = ChatJudge(f"http://127.0.0.1:{free_port()}/v1", "m", max_retries=1, timeout=5)

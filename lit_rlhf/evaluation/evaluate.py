@@ -48,6 +48,8 @@ class PolicySampler(L.LightningModule):
         response_length, temperature, seed: sampling (temperature 0.01 is N+'s evaluation setting).
         truncate_after_eos, non_eos_penalty, penalty_reward_value, missing_eos_penalty: recipe P3 or TRL's
             subtracted penalty, as in validation.
+        score_references: also score the batch's reference answers (``reference_score``); the same for every policy,
+            so :func:`evaluate` asks only the first one.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class PolicySampler(L.LightningModule):
         non_eos_penalty: bool = True,
         penalty_reward_value: float = -1.0,
         missing_eos_penalty: Optional[float] = None,
+        score_references: bool = True,
     ) -> None:
         super().__init__()
         self.tokenizer = load_tokenizer(tokenizer)
@@ -71,7 +74,7 @@ class PolicySampler(L.LightningModule):
         self.ref_policy = load_causal_lm(ref_policy).eval() if ref_policy else None
         self.response_length, self.temperature, self.seed = response_length, temperature, seed
         self.truncate, self.non_eos_penalty, self.penalty = truncate_after_eos, non_eos_penalty, penalty_reward_value
-        self.missing_eos_penalty = missing_eos_penalty
+        self.missing_eos_penalty, self.score_references = missing_eos_penalty, score_references
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
@@ -81,8 +84,8 @@ class PolicySampler(L.LightningModule):
             torch.manual_seed(self.seed + batch_idx + self.global_rank * RANK_SEED_STRIDE)
             sample = sample_and_score(
                 self.policy, self.reward_model, queries, tok, self.response_length, self.temperature,
-                self.truncate, self.non_eos_penalty, self.penalty, batch["reference_ids"] if self.reward_model is not None else None,
-                self.missing_eos_penalty,
+                self.truncate, self.non_eos_penalty, self.penalty,
+                batch["reference_ids"] if self.reward_model is not None and self.score_references else None, self.missing_eos_penalty,
             )
         items = {
             "response": decode_responses(tok, sample["responses"]),
@@ -155,6 +158,7 @@ def evaluate(
     temperature: float = 0.01,
     seed: int = 1,
     non_eos_penalty: bool = True,
+    penalty_reward_value: float = -1.0,
     missing_eos_penalty: Optional[float] = None,
     length_edges: list[int] = list(LENGTH_EDGES),
     output_dir: str = "runs/eval",
@@ -191,7 +195,8 @@ def evaluate(
         batch_size: prompts per sampling batch (the per-batch seeds depend on it, as in validation).
         temperature: sampling temperature (N+: 0.01).
         seed: the sampling seed (per batch: ``seed + batch index``) and the judges' order seed.
-        non_eos_penalty: a response without EOS scores -1 with the reward model (recipe P3, as in validation).
+        non_eos_penalty: a response without EOS scores ``penalty_reward_value`` with the reward model (recipe P3: -1,
+            as in validation).
         missing_eos_penalty: instead subtract this from such a response's RM score (TRL's; for a chat RM).
         length_edges: response-length bucket edges in tokens.
         output_dir: where the outputs go.
@@ -243,10 +248,13 @@ def evaluate(
     for name, policy in zip(names, policies):
         sampler = PolicySampler(
             policy, policies[0], reward_model, ref_policy, response_length, temperature, seed, non_eos_penalty=non_eos_penalty,
-            missing_eos_penalty=missing_eos_penalty,
+            penalty_reward_value=penalty_reward_value, missing_eos_penalty=missing_eos_penalty, score_references=name == names[0],
         )
         trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False, enable_checkpointing=False)
         rows = [row for batch in trainer.predict(sampler, dataloaders=datamodule.val_dataloader()) for row in batch]
+        if name != names[0] and "reference_score" in items[names[0]][0]:  # the same prompts and RM: scored once
+            for row, first in zip(rows, items[names[0]]):
+                row["reference_score"] = first["reference_score"]
         items[name] = rows
         lengths = [row["response_tokens"] for row in rows]
         summary: dict[str, Any] = {
