@@ -34,6 +34,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
+from lit_rlhf.data.formatting import is_cnndm
+
 #: every format name, in the order :func:`detect_format` tries them
 FORMATS = (
     "tldr_comparisons", "tldr", "preference", "hh_rlhf", "implicit_preference", "prompt_completion", "language_modeling",
@@ -417,7 +419,7 @@ def _tldr_comparison(row: Mapping[str, Any]) -> Record:
     confidence = (row.get("extra") or {}).get("confidence")
     return Record(
         TLDRPost(info), chosen=texts[choice], rejected=texts[1 - choice], batch=str(row.get("batch") or "unknown"),
-        confidence=int(confidence) if confidence is not None else -1, cnndm=info.get("article") is not None,
+        confidence=int(confidence) if confidence is not None else -1, cnndm=is_cnndm(info),
     )
 
 

@@ -77,7 +77,6 @@ LETTER_PROMPTS = {
     "summarization": JUDGE_PROMPT[: JUDGE_PROMPT.index("FIRST provide")] + 'Answer with only "A" or "B".',
     "chat": _CHAT_CRITERIA + "\n\n" + _CHAT_ITEM + '\n\nAnswer with only "A" or "B".',
 }
-LETTER_PROMPT = LETTER_PROMPTS["summarization"]
 
 _PREFERRED = re.compile(r"Preferred\s*:\s*[\"'*]*\s*([AB])\b", re.IGNORECASE)
 _BRACKETED = re.compile(r"\[\[([ABC])\]\]")
@@ -250,7 +249,7 @@ class ChatJudge:
 
 
 class LogprobJudge:
-    """A local Hugging Face causal LM as judge: the letter prompt (:data:`LETTER_PROMPT`, in the model's chat template
+    """A local Hugging Face causal LM as judge: the letter prompt (:data:`LETTER_PROMPTS`, in the model's chat template
     when it has one) and the next-token probabilities of ``A`` and ``B``; the likelier letter is the answer.
 
     Args:
