@@ -2,8 +2,10 @@
 
 from lit_rlhf.algorithms.core import (
     INVALID_LOGPROB,
+    LOSS_AGG_MODES,
     LOSS_NORMALIZATIONS,
     SCORE_POSITIONS,
+    aggregate_loss,
     entropy_from_logits,
     eos_penalized,
     first_true_indices,
@@ -27,9 +29,27 @@ from lit_rlhf.algorithms.core import (
 )
 from lit_rlhf.algorithms.dpo import DPO_LOSS_TYPES, PAIR_STRATEGIES, chosen_nll, dpo_loss, preference_pairs, select_pairs
 from lit_rlhf.algorithms.kl import KLController, adaptive_kl_coef
+from lit_rlhf.algorithms.policy_gradient import (
+    ADVANTAGE_ESTIMATORS,
+    group_normalized_advantages,
+    k3_kl,
+    reinforce_pp_advantages,
+    returns_to_go,
+    rloo_advantages,
+    sequence_to_tokens,
+)
 from lit_rlhf.algorithms.ppo_max import RunningMoments, merge_moments, minibatch_advantages, normalize_scores
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "LOSS_AGG_MODES",
+    "aggregate_loss",
+    "group_normalized_advantages",
+    "k3_kl",
+    "reinforce_pp_advantages",
+    "returns_to_go",
+    "rloo_advantages",
+    "sequence_to_tokens",
     "DPO_LOSS_TYPES",
     "INVALID_LOGPROB",
     "KLController",

@@ -353,16 +353,50 @@ def gae_advantages(
     return advantages, advantages + values
 
 
+#: how per-token losses become one number (verl's ``loss_agg_mode`` names), see :func:`aggregate_loss`.
+LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+
+
+def aggregate_loss(losses: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean", constant: int | None = None) -> torch.Tensor:
+    """Per-token losses ``(B, T)`` as one scalar (verl's ``loss_agg_mode``):
+
+    * ``"token_mean"``: the mean over every real token of the batch (N+ PPO; long responses weigh more);
+    * ``"seq_mean_token_mean"``: each response's token mean, then the mean over responses (GRPO, recipe C2);
+    * ``"seq_mean_token_sum"``: each response's token sum, then the mean over responses;
+    * ``"seq_mean_token_sum_norm"``: the sum over every real token divided by ``B * constant`` (Dr. GRPO's constant
+      normaliser, recipe C3; ``constant`` defaults to ``T``, the generation budget).
+
+    Raises:
+        ValueError: for an unknown mode, or a mask that selects nothing (``token_mean``) or a response without a real
+            token (``seq_mean_token_mean``).
+    """
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got '{mode}'")
+    if mode == "token_mean":
+        return masked_mean(losses, mask)
+    sums = (losses * mask).sum(1)  # (B,)
+    if mode == "seq_mean_token_sum":
+        return sums.mean()
+    if mode == "seq_mean_token_sum_norm":
+        return sums.sum() / (losses.size(0) * (constant or losses.size(1)))
+    counts = mask.sum(1)
+    if not bool(counts.all()):
+        raise ValueError("aggregate_loss: a response has no real token under seq_mean_token_mean")
+    return (sums / counts).mean()
+
+
 def ppo_policy_loss(
     new_logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     cliprange: float = 0.2,
+    loss_agg_mode: str = "token_mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate policy loss (recipe P8; Schulman et al. 2017).
+    """Clipped surrogate policy loss (recipe P8; Schulman et al. 2017; GRPO's per-token form, recipe C2).
 
-    ``loss = mean_mask(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))`` with ``ratio = exp(new - old)``.
+    ``loss = mean_mask(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))`` with ``ratio = exp(new - old)``, the
+    mean taken as ``loss_agg_mode`` says (:func:`aggregate_loss`; ``"token_mean"`` is N+'s).
 
     Args:
         new_logprobs: ``(B, T)`` logprobs under the policy being optimised (with grad).
@@ -370,6 +404,7 @@ def ppo_policy_loss(
         advantages: ``(B, T)`` (whitened) advantages.
         mask: ``(B, T)`` bool, true on real response tokens.
         cliprange: epsilon (0.2).
+        loss_agg_mode: one of :data:`LOSS_AGG_MODES`.
 
     Returns:
         ``(loss, stats)`` where stats holds detached ``approxkl`` (``0.5 * mean(diff^2)``), ``clipfrac``,
@@ -379,7 +414,7 @@ def ppo_policy_loss(
     ratio = torch.exp(logprobs_diff)
     pg_losses = -advantages * ratio
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
+    loss = aggregate_loss(torch.max(pg_losses, pg_losses_clipped), mask, loss_agg_mode)
     with torch.no_grad():
         stats = {
             "approxkl": 0.5 * masked_mean(logprobs_diff**2, mask),
