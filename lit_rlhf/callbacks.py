@@ -264,7 +264,9 @@ class SampleTable(L.Callback):
 
 
 class ValidationResults(L.Callback):
-    """Append each validation/test result (metrics and samples) as one JSON line to ``dirpath/results.jsonl``.
+    """Append each validation/test result (metrics and samples) as one JSON line to ``dirpath/results.jsonl``, with the
+    policy stages' per-prompt validation scores (``validation_scores``, for paired gains) and PPO's mean training reward
+    per update so far (``training_rewards``).
 
     ``dirpath=None`` means ``trainer.default_root_dir``. The quickstart summary reads these lines
     (:mod:`lit_rlhf.evaluation.report`).
@@ -284,6 +286,9 @@ class ValidationResults(L.Callback):
             "metrics": metrics,
             "samples": getattr(pl_module, "validation_samples", []),
         }
+        for key in ("validation_scores", "training_rewards"):  # per-prompt scores; the policy-gradient reward curve
+            if getattr(pl_module, key, None):
+                record[key] = list(getattr(pl_module, key))
         directory = self.dirpath or Path(trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
         with (directory / "results.jsonl").open("a", encoding="utf-8") as handle:

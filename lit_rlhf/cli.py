@@ -1,4 +1,6 @@
-"""``lit-rlhf STAGE {fit,validate,test} --config FILE``: one LightningCLI per stage; ``lit-rlhf eval``: win rates;
+"""``lit-rlhf STAGE {fit,validate,test} --config FILE``: one LightningCLI per stage; ``rloo``, ``grpo``, ``dr-grpo`` and
+``reinforce-pp`` are the ``ppo`` stage with the critic-free estimator's presets as defaults
+(:data:`lit_rlhf.stages.ppo.PRESETS`); ``lit-rlhf eval``: win rates;
 ``lit-rlhf eval-rm``: reward-model accuracy and calibration.
 
 Every knob is a typed ``__init__`` argument of the stage's LightningModule or DataModule, so
@@ -26,7 +28,7 @@ from lit_rlhf.data.datamodules import PreferenceDataModule, PromptDataModule, SF
 from lit_rlhf.host_memory import reuse_freed_memory
 from lit_rlhf.stages.dpo import DPOModule
 from lit_rlhf.stages.online_dpo import OnlineDPOModule
-from lit_rlhf.stages.ppo import PPOModule
+from lit_rlhf.stages.ppo import PRESETS, PPOModule
 from lit_rlhf.stages.reward import RewardModule
 from lit_rlhf.stages.sft import SFTModule
 from lit_rlhf.strategies import register_strategies
@@ -38,6 +40,7 @@ STAGES = {
     "sft": (SFTModule, SFTDataModule, "model.model"),
     "rm": (RewardModule, PreferenceDataModule, "model.model"),
     "ppo": (PPOModule, PromptDataModule, "model.policy"),
+    **{name.replace("_", "-"): (PPOModule, PromptDataModule, "model.policy") for name in PRESETS},
     "dpo": (DPOModule, PreferenceDataModule, "model.model"),
     "online-dpo": (OnlineDPOModule, PromptDataModule, "model.policy"),
 }
@@ -56,10 +59,12 @@ def last_checkpoint(directories: list[Path]) -> Path:
     return max(candidates, key=lambda path: path.stat().st_mtime)
 
 
-def _stage_cli(tokenizer_source: str) -> type[LightningCLI]:
+def _stage_cli(tokenizer_source: str, defaults: Optional[dict] = None) -> type[LightningCLI]:
     class StageCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
             parser.link_arguments(tokenizer_source, "data.tokenizer")
+            if defaults:  # a preset subcommand (rloo, grpo, ...): its defaults, under any config or flag
+                parser.set_defaults({f"model.{key}": value for key, value in defaults.items()})
 
         def before_fit(self) -> None:
             self.model.check_datamodule(self.datamodule)  # before any model or data is loaded
@@ -112,7 +117,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            _stage_cli(tokenizer_source)(
+            _stage_cli(tokenizer_source, PRESETS.get(argv[0].replace("-", "_")))(
                 module,
                 datamodule,
                 args=argv[1:],

@@ -10,7 +10,7 @@ Without one, the TL;DR quickstart's steps below run.
 ``lit-rlhf`` CLI:
 
 1. ``sft validate`` (the base model: loss and ROUGE before training), 2. ``sft fit``, 3. ``rm fit``,
-4. ``ppo validate`` (the SFT policy), 5. ``ppo fit`` (ends with validation of the PPO policy),
+4. ``rloo validate`` (the SFT policy), 5. ``rloo fit`` (ends with validation of the RLOO policy),
 
 timing each, then prints :func:`lit_rlhf.evaluation.report.summary`. The run directory is read from the SFT
 config's ``trainer.default_root_dir`` parent (``runs/quickstart``) and emptied first.
@@ -49,11 +49,20 @@ def cpu_precision() -> str:
     return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
 
 
-#: (step name, CLI stage, command, config file stem)
-STEPS = [
-    ("sft validate", "sft", "validate", "sft"), ("sft fit", "sft", "fit", "sft"), ("rm fit", "rm", "fit", "rm"),
-    ("ppo validate", "ppo", "validate", "ppo"), ("ppo fit", "ppo", "fit", "ppo"),
-]
+#: the quickstart's policy-gradient stage (``--policy_gradient``; ``configs/quickstart/{name}.yaml``): RLOO, the one that
+#: learns measurably within the quickstart's budget (docs/policy-gradients.md); PPO is ``--policy_gradient ppo``
+POLICY_GRADIENT = "rloo"
+POLICY_GRADIENTS = ("ppo", "rloo", "grpo", "dr_grpo", "reinforce_pp")
+
+
+def main_steps(policy_gradient: str = POLICY_GRADIENT) -> list[tuple[str, str, str, str]]:
+    """The main job's steps, ``(step name, CLI stage, command, config file stem)``."""
+    stage = policy_gradient.replace("_", "-")
+    return [
+        ("sft validate", "sft", "validate", "sft"), ("sft fit", "sft", "fit", "sft"), ("rm fit", "rm", "fit", "rm"),
+        (f"{stage} validate", stage, "validate", policy_gradient), (f"{stage} fit", stage, "fit", policy_gradient),
+    ]
+
 DPO_STEPS = [
     ("dpo fit", "dpo", "fit", "dpo"), ("dpo eval", "ppo", "validate", "ppo"), ("online-dpo fit", "online-dpo", "fit", "online_dpo"),
 ]
@@ -96,11 +105,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", action="store_true", help="do not empty the run directory first")
     parser.add_argument("--dpo", action="store_true", help="run offline and online DPO on a finished main job's outputs")
     parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (e.g. 'online-dpo fit'), keeping the rest")
+    parser.add_argument("--policy_gradient", choices=POLICY_GRADIENTS, default=POLICY_GRADIENT,
+                        help=f"the main job's policy-gradient stage (default {POLICY_GRADIENT}); its config is CONFIG_DIR/NAME.yaml")
     args = parser.parse_args(argv)
     if (args.config_dir / "pipeline.yaml").is_file():
         return _run_listed(args)
-    steps = _selected(DPO_STEPS if args.dpo else STEPS, args)
-    configs = {stem: args.config_dir / f"{stem}.yaml" for _, _, _, stem in STEPS + steps}
+    main_job = main_steps(args.policy_gradient)
+    steps = _selected(DPO_STEPS if args.dpo else main_job, args)
+    configs = {stem: args.config_dir / f"{stem}.yaml" for _, _, _, stem in main_job + steps}
     for path in configs.values():
         if not path.is_file():
             raise SystemExit(f"missing config {path}")

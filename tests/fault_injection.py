@@ -4,6 +4,7 @@
   a given optimiser step or epoch, i.e. right after the checkpoint of the step before was written.
 * :class:`RecordBatches`: append a fingerprint of every trained batch to a JSONL file (which data, in which order).
 * :class:`InfiniteReward`: make the reward model score ``+inf`` from a given step on (PPO).
+* :class:`RecordRollouts`: record every policy-gradient rollout per rank (scores, rewards, advantages).
 * :class:`SnapshotFiles`: before every training batch, write the SHA-256 of every file under the checkpoint and
   export directories, so a test can compare what a failing step left on disk with what was there before it.
 """
@@ -94,3 +95,30 @@ class SnapshotFiles(L.Callback):
         root = Path(trainer.default_root_dir)
         hashes = {"global_step": trainer.global_step, "files": file_hashes(root / "checkpoints", root / "model")}
         self.path.write_text(json.dumps(hashes), encoding="utf-8")
+
+
+class RecordRollouts(L.Callback):
+    """Append what each rollout of a policy-gradient run computed (per rank: query fingerprints, scores, token rewards,
+    masks and advantages) to ``{path}.rank{R}.jsonl``, for the group-statistics checks under DDP/FSDP2."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.wrapped = path, False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.wrapped:
+            return
+        self.wrapped, rollout = True, pl_module.rollout
+        path = Path(f"{self.path}.rank{trainer.global_rank}.jsonl")
+
+        def recorded(queries: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            data = rollout(queries, *args, **kwargs)
+            record = {
+                "step": trainer.global_step, "queries": [fingerprint(row) for row in queries],
+                **{key: data[key].float().tolist() for key in ("scores", "rewards", "advantages", "non_score_reward")},
+                "mask": (~data["padding_mask"]).tolist(),
+            }
+            with path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            return data
+
+        pl_module.rollout = recorded

@@ -49,7 +49,26 @@ def test_paper_configs_use_the_n_plus_behaviour(size):
 def test_every_paper_stage_has_a_config():
     assert sorted(path.name for path in Path(PAPER).iterdir()) == sorted(SIZES)
     for size in SIZES:
-        assert sorted(p.stem for p in (PAPER / size).glob("*.yaml")) == sorted(STAGES)
+        extra = list(CRITIC_FREE) if size == "pythia-1b" else []
+        assert sorted(p.stem for p in (PAPER / size).glob("*.yaml")) == sorted([*STAGES, *extra])
+
+
+#: the critic-free configs of pythia-1b (issue 26): estimator -> samples per prompt
+CRITIC_FREE = {"rloo": 4, "grpo": 4, "dr_grpo": 4, "reinforce_pp": 1}
+
+
+@pytest.mark.parametrize("estimator", CRITIC_FREE)
+def test_critic_free_paper_configs_sample_as_many_responses_as_ppo(estimator, capsys):
+    with pytest.raises(SystemExit):
+        main([estimator.replace("_", "-"), "fit", "--config", str(PAPER / "pythia-1b" / f"{estimator}.yaml"), "--print_config"])
+    printed, ppo = yaml.safe_load(capsys.readouterr().out), load("pythia-1b", "ppo")
+    model, data, k = printed["model"], printed["data"], CRITIC_FREE[estimator]
+    assert model["advantage_estimator"] == estimator and model["samples_per_prompt"] == k
+    assert data["batch_size"] * k == ppo["data"]["batch_size"] and data["total_episodes"] * k == ppo["data"]["total_episodes"]
+    if estimator in ("grpo", "dr_grpo"):
+        assert model["kl_coef"] == 0.0 and model["kl_loss_coef"] == 0.04  # C2: the KL in the loss
+    if estimator == "reinforce_pp":
+        assert model["whitening_scope"] == "global"  # C4
 
 
 @pytest.mark.parametrize("size", SIZES)

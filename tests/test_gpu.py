@@ -87,3 +87,18 @@ def test_deepspeed_ppo_resumes_from_a_mid_run_checkpoint(tiny_model_dir, tiny_re
     assert max_difference(exported_weights(resumed), exported_weights(full)) <= GPU_ATOL
     steps = [[r["global_step"] for r in results(run) if r["fn"] == "fit"][-1] for run in (full, resumed)]
     assert steps[0] == steps[1]
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_grpo_trains_the_same_model_as_the_plain_strategy(strategy, tiny_model_dir, tiny_reward_dir, tmp_path):
+    """A critic-free estimator (no value model: the optimiser holds the policy alone) under DeepSpeed and FSDP2."""
+    model, data = stage_settings("ppo", tiny_model_dir, tiny_reward_dir)
+    model = {**model, "advantage_estimator": "grpo", "samples_per_prompt": 2, "kl_coef": 0.0, "kl_loss_coef": 0.04,
+             "loss_agg_mode": "seq_mean_token_mean"}
+    plain = run_gpu("ppo", plain_strategy(), tmp_path, model, data, name="plain")
+    sharded = run_gpu("ppo", strategy, tmp_path, model, data)
+    assert not (plain / "model" / "value").exists() and not (sharded / "model" / "value").exists()
+    assert max_difference(exported_weights(plain), exported_weights(sharded)) <= GPU_ATOL
+    for key, value in losses(plain).items():
+        assert losses(sharded)[key] == pytest.approx(value, abs=GPU_ATOL), key

@@ -219,18 +219,34 @@ def test_ppo_killed_after_an_update_resumes_bit_identically(ppo, updates):
     assert_exact_resume(ppo, name, "uninterrupted", before, after)
 
 
-@pytest.mark.timeout(600)
-def test_ppo_max_killed_after_critic_warmup_resumes_bit_identically(tiny_model_dir, tiny_reward_dir, tmp_path):
-    """PPO-max: running score statistics, critic pre-training and the PPO-ptx loader (two resumable loaders)."""
-    model = {"policy": str(tiny_model_dir), "reward_model": str(tiny_reward_dir), "lr": 1e-3, "num_ppo_epochs": 2,
-             "trainable_layers": None, "critic_warmup_updates": 1}
-    stage = Stage("ppo_max", tmp_path, model, data={"total_episodes": 6, "ptx_batch_size": 2, "ptx_samples": 8})
+def killed_after_the_first_of_three_updates(stage: Stage) -> dict[str, Any]:
+    """Run ``stage`` (3 updates of 2 optimiser steps, a checkpoint per update) uninterrupted, then killed after its first
+    update and resumed; assert the two runs are the same; return the resumed run's last checkpoint."""
     checkpoint = {"every_n_updates": 1}
     stage.run("uninterrupted", checkpoint)
     before, after = kill_and_resume(stage, checkpoint, {"step": 2}, "resumed")
     assert len(before) == 1 and len(after) == 2
     assert_exact_resume(stage, "resumed", "uninterrupted", before, after)
-    state = load_checkpoint(stage.directory("resumed") / "checkpoints" / "last.ckpt")
+    return load_checkpoint(stage.directory("resumed") / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.timeout(600)
+def test_rloo_killed_after_an_update_resumes_bit_identically(tiny_model_dir, tiny_reward_dir, tmp_path):
+    """RLOO, k = 2 (no value model): 3 updates of 2 prompts x 2 samples, killed after the first."""
+    model = {"policy": str(tiny_model_dir), "reward_model": str(tiny_reward_dir), "lr": 1e-3, "num_ppo_epochs": 2,
+             "advantage_estimator": "rloo", "samples_per_prompt": 2, "kl_penalty": "sequence"}
+    state = killed_after_the_first_of_three_updates(Stage("ppo", tmp_path, model, data={"total_episodes": 6}))
+    assert not [key for key in state["state_dict"] if key.startswith("value_model.")]
+
+
+@pytest.mark.timeout(600)
+def test_ppo_max_killed_after_critic_warmup_resumes_bit_identically(tiny_model_dir, tiny_reward_dir, tmp_path):
+    """PPO-max: running score statistics, critic pre-training and the PPO-ptx loader (two resumable loaders)."""
+    model = {"policy": str(tiny_model_dir), "reward_model": str(tiny_reward_dir), "lr": 1e-3, "num_ppo_epochs": 2,
+             "trainable_layers": None, "critic_warmup_updates": 1}
+    state = killed_after_the_first_of_three_updates(
+        Stage("ppo_max", tmp_path, model, data={"total_episodes": 6, "ptx_batch_size": 2, "ptx_samples": 8})
+    )
     assert state["state_dict"]["score_moments._extra_state"]["count"] == 6  # every episode, across the kill
 
 

@@ -42,6 +42,42 @@ def _interval(record: Optional[dict[str, Any]], key: str) -> str:
     return "" if low is None or high is None else f" (95% CI {low:.3f}-{high:.3f})"
 
 
+#: the quickstart's policy-gradient step: run directory -> name in the summary (the first present is read)
+POLICY_GRADIENT_RUNS = {"rloo": "RLOO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "reinforce_pp": "REINFORCE++", "ppo": "PPO"}
+
+
+def policy_gradient_run(run_dir: Path) -> tuple[str, list[dict[str, Any]]]:
+    """The name and records of the quickstart's policy-gradient stage (``ppo`` when none has run)."""
+    for directory, name in POLICY_GRADIENT_RUNS.items():
+        records = read_results(Path(run_dir) / directory)
+        if records:
+            return name, records
+    return "PPO", []
+
+
+def learning_lines(name: str, sft: Optional[dict[str, Any]], policy: Optional[dict[str, Any]]) -> list[str]:
+    """Did the run learn? The paired RM-score gain of ``policy`` over ``sft`` on the same validation prompts (per-prompt
+    ``validation_scores``, same sampling seeds) with its bootstrap 95% interval, and the training reward's
+    last-quarter minus first-quarter mean (``training_rewards``); nothing without both records."""
+    from lit_rlhf.evaluation.stats import mean_with_interval
+
+    before, after = (record.get("validation_scores") if record else None for record in (sft, policy))
+    if not before or not after or len(before) != len(after):
+        return []
+    gain = mean_with_interval([b - a for a, b in zip(before, after)])
+    verdict = "above 0: the policy learnt" if gain["low"] > 0 else "below 0: worse than SFT" if gain["high"] < 0 else \
+        "includes 0: no measurable change"
+    lines = ["", f"{name} vs SFT on the same {len(before)} validation prompts: paired RM-score gain "
+             f"{gain['mean']:+.3f} (95% CI {gain['low']:+.3f} to {gain['high']:+.3f}), {verdict}"]
+    curve = policy.get("training_rewards") or []
+    if curve:
+        quarter = max(1, len(curve) // 4)
+        first, last = sum(curve[:quarter]) / quarter, sum(curve[-quarter:]) / quarter
+        lines.append(f"  training reward (mean over each update's rollouts) over {len(curve)} updates: first quarter {first:.3f}, "
+                     f"last quarter {last:.3f}, difference {last - first:+.3f}")
+    return lines
+
+
 def summary(run_dir: Path, num_samples: int = 3) -> str:
     """Build the summary text of a quickstart run directory (``{sft,rm,ppo}/results.jsonl``, ``timings.json``; with
     ``make quickstart-dpo`` also ``dpo``, ``dpo_eval`` and ``online_dpo``)."""
@@ -77,9 +113,9 @@ def summary(run_dir: Path, num_samples: int = 3) -> str:
         per_batch = {k.split("/")[-1]: v for k, v in dpo["metrics"].items() if k.startswith("val/accuracy_batch/")}
         lines.append("  per batch  " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(per_batch.items())))
 
-    ppo = read_results(run_dir / "ppo")
-    sft_policy, ppo_policy = _first(ppo, "validate"), _last(ppo, "fit")
-    policies = [("SFT", sft_policy), ("PPO", ppo_policy)]
+    pg_name, pg_records = policy_gradient_run(run_dir)
+    sft_policy, pg_policy = _first(pg_records, "validate"), _last(pg_records, "fit")
+    policies = [("SFT", sft_policy), (pg_name, pg_policy)]
     dpo_policy, online_policy = _last(read_results(run_dir / "dpo_eval"), "validate"), _last(read_results(run_dir / "online_dpo"), "fit")
     policies += [(name, record) for name, record in (("DPO", dpo_policy), ("online DPO", online_policy)) if record]
     temperatures = {_metric(record, "eval/temperature") for _, record in policies} - {None}
@@ -94,6 +130,7 @@ def summary(run_dir: Path, num_samples: int = 3) -> str:
             f"  {name:<12}{_fmt(_metric(record, 'eval/scores')):>15}{_fmt(_metric(record, 'eval/kl')):>12}"
             f"{_fmt(_metric(record, 'eval/response_length'), 1):>10}{_fmt(_metric(record, 'eval/eos_fraction'), 2):>10}   {interval}"
         )
+    lines += learning_lines(pg_name, sft_policy, pg_policy)
 
     sampled = [(name, record) for name, record in policies if record and record.get("samples")]
     if sampled:
@@ -211,7 +248,8 @@ def chat_summary(run_dir: Path) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     run_dir = Path(argv[0] if argv else "runs/quickstart")
-    print(chat_summary(run_dir) if (run_dir / "eval" / "results.json").is_file() and not (run_dir / "ppo").is_dir() else summary(run_dir))
+    chat = (run_dir / "eval" / "results.json").is_file() and not any((run_dir / name).is_dir() for name in POLICY_GRADIENT_RUNS)
+    print(chat_summary(run_dir) if chat else summary(run_dir))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def sample_and_score(
 
     Returns:
         ``responses`` ``(B, T)`` (raw samples), ``postprocessed`` ``(B, T)``, ``query_responses`` ``(B, Q+T)``,
-        ``scores`` ``(B,)``, ``contains_eos`` ``(B,)`` bool and ``lengths`` ``(B,)`` (real response tokens); with
+        ``scores`` ``(B,)``, ``raw_scores`` ``(B,)`` (before the EOS rule), ``contains_eos`` ``(B,)`` bool and ``lengths``
+        ``(B,)`` (real response tokens); with
         ``reference_ids`` also ``reference_scores`` ``(B,)`` (float32, no EOS penalty; NaN where a row has no reference).
     """
     pad, stops = tokenizer.pad_token_id, stop_token_ids(tokenizer)
@@ -83,6 +84,7 @@ def sample_and_score(
                 0, others, sequence_scores(reward_model, query_responses[others], pad))
             reference_scores = torch.full_like(scores, float("nan")).index_copy_(0, rows, reference_scores)
         sample["reference_scores"] = reference_scores
+    sample["raw_scores"] = scores
     sample["scores"] = eos_penalized(scores, postprocessed, stops, non_eos_penalty, penalty_reward_value, missing_eos_penalty)
     return sample
 
@@ -173,15 +175,22 @@ class PolicyValidation:
 
     def init_policy_validation(self) -> None:
         self.val_scores, self.val_kl, self.val_length, self.val_eos = MeanMetric(), MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_reward = MeanMetric()  # the training reward when reward functions take part (validation_rewards)
         # per prompt with a reference: 1 the response beats the reference, 0.5 tie, 0 loss (NaN rows: no reference)
         self.val_outcomes = CatMetric(nan_strategy="ignore")
         self.val_groups = CatMetric()  # per prompt: its source index and its score, for the per-source means
         self.validation_samples: list[dict[str, Any]] = []
+        self.validation_scores: list[float] = []  # per prompt, in the loader's order (every rank's), for paired gains
         self.reference_is_policy = False  # set per validation run (identical_models)
 
     def eval_reference(self) -> nn.Module:
         """The policy KL is measured against (the SFT / reference policy)."""
         raise NotImplementedError
+
+    def validation_rewards(self, sample: dict[str, torch.Tensor], batch: dict[str, Any]) -> Optional[torch.Tensor]:
+        """The ``(B,)`` reward training optimises, where it is more than the reward model's score (reward functions),
+        logged as ``eval/reward``; ``None`` (the default) when it is the score."""
+        return None
 
     def on_validation_epoch_start(self) -> None:
         self.validation_samples = []
@@ -199,6 +208,10 @@ class PolicyValidation:
                 hp.truncate_after_eos, hp.non_eos_penalty, hp.penalty_reward_value, batch.get("reference_ids"),
                 hp.get("missing_eos_penalty"),
             )
+        rewards = self.validation_rewards(sample, batch)
+        if rewards is not None:
+            self.val_reward.update(rewards)
+            sample.setdefault("scores", rewards)  # no reward model: the reward functions' sum is the score
         self.val_scores.update(sample["scores"])
         if self.reference_is_policy:  # the SFT policy against itself: KL 0 without running both models
             self.val_kl.update(torch.zeros(queries.size(0), device=queries.device))
@@ -209,8 +222,8 @@ class PolicyValidation:
         self.val_eos.update(sample["contains_eos"].float())
         if "reference_scores" in sample:
             self.val_outcomes.update(pairwise_outcomes(sample["scores"].float(), sample["reference_scores"]))
-        if "source" in batch:
-            self.val_groups.update(torch.stack([batch["source"].float(), sample["scores"].float()], dim=1))
+        source = batch["source"].float() if "source" in batch else torch.zeros_like(sample["scores"].float())
+        self.val_groups.update(torch.stack([source, sample["scores"].float()], dim=1))  # per prompt, in order
         texts = decode_responses(tok, sample["responses"])
         for row in range(len(texts)):
             if len(self.validation_samples) < hp.num_samples:
@@ -226,6 +239,8 @@ class PolicyValidation:
         }
         self.log_dict({key: metric.compute() for key, metric in metrics.items()})
         self.log("eval/temperature", float(self.hparams.eval_temperature))  # read by the quickstart summary
+        if self.val_reward.update_count:
+            self.log("eval/reward", self.val_reward.compute())
         if self.val_outcomes.update_count:  # every rank: the gathered outcomes (none without reference answers)
             outcomes = self.val_outcomes.compute().cpu()
             if outcomes.numel():
@@ -233,11 +248,12 @@ class PolicyValidation:
                 self.log_dict({"eval/win_rate": win_rate["mean"], "eval/win_rate_low": win_rate["low"],
                                "eval/win_rate_high": win_rate["high"]})
         names = getattr(getattr(self.trainer, "datamodule", None), "source_names", [])
-        if self.val_groups.update_count and len(names) > 1:  # a mixture of prompt sets: the mean score per source
-            groups = self.val_groups.compute().view(-1, 2)
+        groups = self.val_groups.compute().view(-1, 2) if self.val_groups.update_count else torch.zeros(0, 2)
+        self.validation_scores = groups[:, 1].tolist()
+        if len(names) > 1:  # a mixture of prompt sets: the mean score per source
             for index, name in enumerate(names):
                 chosen = groups[:, 0] == index
                 if chosen.any():
                     self.log(f"eval/scores_source/{name}", groups[chosen, 1].mean())
-        for metric in (*metrics.values(), self.val_outcomes, self.val_groups):
+        for metric in (*metrics.values(), self.val_outcomes, self.val_groups, self.val_reward):
             metric.reset()
