@@ -1,4 +1,4 @@
-# lit_rlhf: set-up, the quickstart (SFT -> RM -> PPO on the shared TL;DR sample, CPU) and the tests.
+# lit_rlhf: set-up, the quickstart (SFT -> RM -> REINFORCE++ on the shared TL;DR sample, CPU) and the tests.
 # `make quickstart` and `make test` each create the virtual environment first if it is missing.
 PYTHON ?= python3
 VENV ?= .venv

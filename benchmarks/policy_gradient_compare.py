@@ -65,8 +65,9 @@ def parse_value(text: str) -> Any:
 
 
 def variant_settings(name: str, overrides: list[str]) -> dict[str, Any]:
-    """The module arguments of a variant: its preset (none for ``ppo``) and the ``--set name:key=value`` overrides."""
-    settings = dict(PRESETS.get(name, {}))
+    """The arguments of a variant (``NAME`` or ``NAME@TAG``): its preset (none for ``ppo``) and its ``--set
+    name:key=value`` overrides."""
+    settings = dict(PRESETS.get(name.split("@")[0], {}))
     for item in overrides:
         target, _, assignment = item.partition(":")
         if target == name:
@@ -80,11 +81,14 @@ def run(config: dict[str, Any], args: argparse.Namespace, settings: dict[str, An
     if args.threads:
         torch.set_num_threads(args.threads)
     model_args = {**config["model"], "policy": str(args.run_dir / "sft" / "model"), "reward_model": str(args.run_dir / "rm" / "model")}
-    model_args.update(settings or {})
+    data_settings = {key[5:]: value for key, value in (settings or {}).items() if key.startswith("data.")}
+    model_args.update({key: value for key, value in (settings or {}).items() if not key.startswith("data.")})
     k = model_args.get("samples_per_prompt", 1)
     data = prompt_data(config, model_args["policy"]) if splits else quickstart_data(config, model_args["policy"])
     data.batch_size //= k
     data.total_episodes //= k
+    for key, value in data_settings.items():  # e.g. --set rloo:data.total_episodes=128 (prompts)
+        setattr(data, key, value)
     if splits:
         data.splits = dict(splits)
     L.seed_everything(config.get("seed_everything", 1), verbose=False)
@@ -136,7 +140,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs/quickstart/ppo.yaml")
     parser.add_argument("--variants", nargs="+", default=["ppo", "rloo", "grpo", "reinforce_pp"],
                         help=f"ppo or a preset: {', '.join(PRESETS)}; NAME@TAG runs NAME again under another label")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE", help="a module argument of one variant")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE",
+                        help="a module argument of one variant, or data.KEY a data-module attribute (after the division by k)")
     parser.add_argument("--scored", choices=["held_out", "validation"], default="held_out")
     parser.add_argument("--held_out", type=int, default=128)
     parser.add_argument("--precision", default="bf16-mixed")
@@ -170,9 +175,7 @@ def main() -> None:
     row("SFT", baseline)
     for variant in args.variants:
         name = variant.split("@")[0]
-        settings = variant_settings(variant, args.set) if "@" in variant else variant_settings(name, args.set)
-        if "@" in variant:
-            settings = {**variant_settings(name, []), **settings}
+        settings = {**variant_settings(name, []), **variant_settings(variant, args.set)}
         results[variant] = run_in_process(config, args, settings, splits)
         row(f"{variant} {settings}", results[variant])
         if args.output:

@@ -1,4 +1,4 @@
-"""Run SFT -> RM -> PPO (and DPO, online DPO) from one config directory and print the summary.
+"""Run SFT -> RM -> REINFORCE++ (or PPO, RLOO, GRPO; and DPO, online DPO) from one config directory and print the summary.
 
 A config directory with a ``pipeline.yaml`` lists its own steps (``steps``: ``name``, ``stage`` (a ``lit-rlhf``
 subcommand, ``eval`` included), ``command`` (``fit``/``validate``; none for ``eval``) and ``config``) and its
@@ -10,7 +10,8 @@ Without one, the TL;DR quickstart's steps below run.
 ``lit-rlhf`` CLI:
 
 1. ``sft validate`` (the base model: loss and ROUGE before training), 2. ``sft fit``, 3. ``rm fit``,
-4. ``rloo validate`` (the SFT policy), 5. ``rloo fit`` (ends with validation of the RLOO policy),
+4. ``reinforce-pp validate`` (the SFT policy), 5. ``reinforce-pp fit`` (REINFORCE++, ends with validation of its policy;
+   ``--policy_gradient ppo`` runs PPO instead, or ``rloo``, ``grpo``, ``dr_grpo``),
 
 timing each, then prints :func:`lit_rlhf.evaluation.report.summary`. The run directory is read from the SFT
 config's ``trainer.default_root_dir`` parent (``runs/quickstart``) and emptied first.
@@ -49,9 +50,9 @@ def cpu_precision() -> str:
     return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
 
 
-#: the quickstart's policy-gradient stage (``--policy_gradient``; ``configs/quickstart/{name}.yaml``): RLOO, the one that
-#: learns measurably within the quickstart's budget (docs/policy-gradients.md); PPO is ``--policy_gradient ppo``
-POLICY_GRADIENT = "rloo"
+#: the quickstart's policy-gradient stage (``--policy_gradient``; ``configs/quickstart/{name}.yaml``): REINFORCE++, the
+#: one that gained most over SFT on held-out training prompts at the quickstart's budget (docs/policy-gradients.md)
+POLICY_GRADIENT = "reinforce_pp"
 POLICY_GRADIENTS = ("ppo", "rloo", "grpo", "dr_grpo", "reinforce_pp")
 
 

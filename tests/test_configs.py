@@ -115,3 +115,23 @@ def test_rlhflow_eval_config_parses(capsys):
     assert exit_info.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["task"] == "chat" and config["head_to_head"] and config["llm_judge"]["init_args"]["model"] == "gpt-4-turbo"
+
+
+#: configs/quickstart file -> the subcommand that reads it
+QUICKSTART = {
+    "sft": "sft", "rm": "rm", "ppo": "ppo", "ppo_lora": "ppo", "ppo_max": "ppo", "dpo": "dpo", "online_dpo": "online-dpo",
+    "rloo": "rloo", "grpo": "grpo", "dr_grpo": "dr-grpo", "reinforce_pp": "reinforce-pp", "rloo_length": "rloo",
+}
+
+
+def test_every_quickstart_config_parses(capsys):
+    assert sorted(p.stem for p in (ROOT / "configs" / "quickstart").glob("*.yaml")) == sorted(QUICKSTART)
+    for stem, stage in QUICKSTART.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main([stage, "fit", "--config", str(ROOT / "configs" / "quickstart" / f"{stem}.yaml"), "--print_config"])
+        assert exit_info.value.code in (0, None), stem
+        printed = yaml.safe_load(capsys.readouterr().out)
+        if stage in ("rloo", "grpo", "dr-grpo", "reinforce-pp"):  # 256 sampled responses, as the quickstart's PPO
+            k = printed["model"]["samples_per_prompt"]
+            assert printed["model"]["advantage_estimator"] == stage.replace("-", "_")
+            assert printed["data"]["total_episodes"] * k == 256 and printed["data"]["batch_size"] * k == 16, stem
