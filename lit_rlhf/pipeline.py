@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, stage, command, stem in steps
     }
     _run_commands(commands, timings, timings_path, precision)
-    print(summary(run_dir))
+    print(summary(run_dir, policy_gradient=None if args.dpo else args.policy_gradient))
 
 
 def _selected(steps: list[tuple[str, str, str, str]], args: argparse.Namespace) -> list[tuple[str, str, str, str]]:

@@ -66,6 +66,13 @@ def test_ppo_batch_not_divisible_by_mini_batches(batch_size, num_mini_batches):
     module.check_datamodule(PromptDataModule(batch_size=2 * num_mini_batches, total_episodes=64))  # fine
 
 
+def test_mini_batches_split_the_episodes_of_k_samples_per_prompt():
+    module = PPOModule(num_mini_batches=4, advantage_estimator="rloo", samples_per_prompt=2)
+    module.check_datamodule(PromptDataModule(batch_size=2, total_episodes=64))  # 2 prompts x 2 = 4 episodes: fine
+    with pytest.raises(ValueError, match=r"data.batch_size=3 x model.samples_per_prompt=2 must be a multiple of model.num_mini_batches=4"):
+        module.check_datamodule(PromptDataModule(batch_size=3, total_episodes=64))
+
+
 def test_cli_checks_mini_batches_before_loading_anything(tmp_path):
     missing = tmp_path / "no-such-model"
     config = stage_config("ppo", tmp_path, model={"policy": str(missing), "reward_model": str(missing), "num_mini_batches": 4})

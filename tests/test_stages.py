@@ -407,7 +407,7 @@ def test_cli_unknown_stage_prints_usage(argv, capsys):
         main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "usage: lit-rlhf {sft|rm|ppo|dpo|online-dpo}" in err
+    assert "usage: lit-rlhf {sft|rm|ppo|rloo|grpo|dr-grpo|reinforce-pp|dpo|online-dpo}" in err
 
 
 def test_cli_missing_model_path_names_it(tmp_path):

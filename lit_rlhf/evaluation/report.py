@@ -43,12 +43,13 @@ def _interval(record: Optional[dict[str, Any]], key: str) -> str:
 
 
 #: the quickstart's policy-gradient step: run directory -> name in the summary (the first present is read)
-POLICY_GRADIENT_RUNS = {"rloo": "RLOO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "reinforce_pp": "REINFORCE++", "ppo": "PPO"}
+POLICY_GRADIENT_RUNS = {"reinforce_pp": "REINFORCE++", "ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO"}
 
 
-def policy_gradient_run(run_dir: Path) -> tuple[str, list[dict[str, Any]]]:
-    """The name and records of the quickstart's policy-gradient stage (``ppo`` when none has run)."""
-    for directory, name in POLICY_GRADIENT_RUNS.items():
+def policy_gradient_run(run_dir: Path, directory: Optional[str] = None) -> tuple[str, list[dict[str, Any]]]:
+    """The name and records of the quickstart's policy-gradient stage: ``directory`` (e.g. ``"ppo"``), or the first of
+    :data:`POLICY_GRADIENT_RUNS` with results (``PPO`` and none when none has run)."""
+    for directory, name in POLICY_GRADIENT_RUNS.items() if directory is None else [(directory, POLICY_GRADIENT_RUNS[directory])]:
         records = read_results(Path(run_dir) / directory)
         if records:
             return name, records
@@ -78,9 +79,10 @@ def learning_lines(name: str, sft: Optional[dict[str, Any]], policy: Optional[di
     return lines
 
 
-def summary(run_dir: Path, num_samples: int = 3) -> str:
-    """Build the summary text of a quickstart run directory (``{sft,rm,ppo}/results.jsonl``, ``timings.json``; with
-    ``make quickstart-dpo`` also ``dpo``, ``dpo_eval`` and ``online_dpo``)."""
+def summary(run_dir: Path, num_samples: int = 3, policy_gradient: Optional[str] = None) -> str:
+    """Build the summary text of a quickstart run directory (``{sft,rm,reinforce_pp}/results.jsonl``, ``timings.json``;
+    with ``make quickstart-dpo`` also ``dpo``, ``dpo_eval`` and ``online_dpo``). ``policy_gradient`` names the
+    policy-gradient run's directory (default: the first of :data:`POLICY_GRADIENT_RUNS` present)."""
     run_dir = Path(run_dir)
     lines = ["", "=" * 100, "lit_rlhf quickstart summary".center(100), "=" * 100]
     meta_path = run_dir / "timings.json"
@@ -113,7 +115,7 @@ def summary(run_dir: Path, num_samples: int = 3) -> str:
         per_batch = {k.split("/")[-1]: v for k, v in dpo["metrics"].items() if k.startswith("val/accuracy_batch/")}
         lines.append("  per batch  " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(per_batch.items())))
 
-    pg_name, pg_records = policy_gradient_run(run_dir)
+    pg_name, pg_records = policy_gradient_run(run_dir, policy_gradient)
     sft_policy, pg_policy = _first(pg_records, "validate"), _last(pg_records, "fit")
     policies = [("SFT", sft_policy), (pg_name, pg_policy)]
     dpo_policy, online_policy = _last(read_results(run_dir / "dpo_eval"), "validate"), _last(read_results(run_dir / "online_dpo"), "fit")

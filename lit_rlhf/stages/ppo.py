@@ -398,11 +398,11 @@ class PPOModule(PolicyValidation, StageModule):
         batch_size, num_mini_batches = getattr(datamodule, "batch_size", None), self.hparams.num_mini_batches
         if batch_size is not None:
             k = self.hparams.samples_per_prompt
+            episodes = f"data.batch_size={batch_size}" + (f" x model.samples_per_prompt={k}" if k > 1 else "")
             require(
                 type(self).__name__, batch_size * k % num_mini_batches == 0,
-                f"data.batch_size={batch_size} x model.samples_per_prompt={k} must be a multiple of "
-                f"model.num_mini_batches={num_mini_batches} (each PPO epoch splits the update's episodes into that many "
-                "equal mini-batches, recipe P8)",
+                f"{episodes} must be a multiple of model.num_mini_batches={num_mini_batches} (each PPO epoch splits the "
+                "update's episodes into that many equal mini-batches, recipe P8)",
             )
 
     @property
