@@ -164,11 +164,11 @@ def _rate(figures: Optional[dict[str, float]], invert: bool = False) -> str:
 
 def _timings(meta: dict[str, Any]) -> list[str]:
     lines = ["\nWall time per step (s)"]
-    total = 0.0
-    for name, seconds in meta.get("stages", {}).items():
-        lines.append(f"  {name:<16}{seconds:8.1f}")
-        total += seconds
-    return lines + [f"  {'total':<16}{total:8.1f}"]
+    stages = meta.get("stages", {})
+    width = max([16, *(len(name) + 2 for name in stages)])
+    for name, seconds in stages.items():
+        lines.append(f"  {name:<{width}}{seconds:8.1f}")
+    return lines + [f"  {'total':<{width}}{sum(stages.values()):8.1f}"]
 
 
 def _paired_gain(eval_dir: Path, base: str, name: str) -> str:
