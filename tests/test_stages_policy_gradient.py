@@ -77,6 +77,8 @@ def test_value_model_only_for_gae_and_k_checked(tiny_model_dir, tiny_reward_dir)
         PPOModule(**args, advantage_estimator="a2c")
     with pytest.raises(ValueError, match="reward_weights has 1 values for 2 reward sources"):
         PPOModule(**args, reward_funcs=["lit_rlhf.rewards:summary_length"], reward_weights=[1.0])
+    with pytest.raises(ValueError, match="'gae' needs reward_model"):
+        PPOModule(policy=str(tiny_model_dir), reward_model=None, reward_funcs=["lit_rlhf.rewards:summary_length"])
     with pytest.raises(ValueError, match="no reward"):
         PPOModule(policy=str(tiny_model_dir), reward_model=None, advantage_estimator="reinforce_pp")
 

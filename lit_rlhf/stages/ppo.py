@@ -326,8 +326,9 @@ class PPOModule(PolicyValidation, StageModule):
         funcs, weights = args["reward_funcs"] or [], args["reward_weights"]
         sources = (args["reward_model"] is not None) + len(funcs)
         require(owner, sources > 0, "no reward: set reward_model, reward_funcs or both")
-        require(owner, estimator != "gae" or (args["value_model"] or args["reward_model"]) is not None,
-                "advantage_estimator='gae' needs a value model: set value_model (or reward_model, which initialises it)")
+        require(owner, estimator != "gae" or args["reward_model"] is not None,
+                "advantage_estimator='gae' needs reward_model (PPO scores with it and starts its value model from it); "
+                "reward functions alone go with a critic-free estimator")
         require(
             owner, weights is None or len(weights) == sources,
             f"reward_weights has {len(weights or [])} values for {sources} reward sources (the reward model first, then reward_funcs)",
