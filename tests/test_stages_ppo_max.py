@@ -69,3 +69,23 @@ def test_n_plus_defaults_leave_scores_unchanged(tiny_model_dir, tiny_reward_dir)
     assert module.shape_scores(scores) is scores and module.score_moments.count == 0
     clipped = PPOModule(policy=str(tiny_model_dir), reward_model=str(tiny_reward_dir), reward_clip=1.0).shape_scores(scores)
     assert clipped.tolist() == pytest.approx([0.3, -1.0, 1.0])
+
+
+@pytest.mark.parametrize("strategy_name", ["deepspeed_stage_2", "deepspeed_stage_2_offload_frozen"])
+def test_max_grad_norm_reaches_deepspeed_under_every_deepspeed_strategy(strategy_name):
+    """Lightning's ``clip_gradients`` is a no-op under DeepSpeed, so ``max_grad_norm`` must become the engine's
+    ``gradient_clipping``: under ``DeepSpeedStrategy`` and its subclass ``DeepSpeedFrozenOffload`` (the 6.9B configs'
+    strategy), which a check of the class name left without clipping (issue 27)."""
+    pytest.importorskip("deepspeed")
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from lit_rlhf.strategies import register_strategies
+
+    register_strategies()
+    strategy = StrategyRegistry.get(strategy_name)
+    module = PPOModule(max_grad_norm=0.5)
+    module._trainer = SimpleNamespace(strategy=strategy)  # prepare_deepspeed reads the trainer's strategy only
+    module.prepare_deepspeed()
+    assert strategy.config["gradient_clipping"] == 0.5

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 
 from lit_rlhf.algorithms import truncate_after_eos
@@ -269,10 +270,11 @@ class StageModule(L.LightningModule):
         ``HfDeepSpeedConfig`` so that ``from_pretrained`` loads each weight straight into its partitions; with a
         ``max_grad_norm`` hyperparameter, set DeepSpeed's ``gradient_clipping`` to it (DeepSpeed clips inside
         ``engine.step()``; Lightning's ``clip_gradients`` is a no-op there and ``Trainer(gradient_clip_val=...)``
-        is refused under manual optimisation). Nothing under any other strategy."""
+        is refused under manual optimisation). The same under its subclasses (:class:`~lit_rlhf.strategies.DeepSpeedFrozenOffload`,
+        the 6.9B configs' strategy). Nothing under any other strategy."""
         strategy = self._trainer.strategy if self._trainer is not None else None
         config = getattr(strategy, "config", None)
-        if type(strategy).__name__ != "DeepSpeedStrategy" or not isinstance(config, dict):
+        if not isinstance(strategy, DeepSpeedStrategy) or not isinstance(config, dict):  # subclasses too (DeepSpeedFrozenOffload)
             return
         max_grad_norm = self.hparams.get("max_grad_norm")
         if max_grad_norm is not None:
