@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from lit_rlhf.evaluation.stats import (
     mean_with_interval,
     pairwise_outcomes,
     preference_calibration,
+    seeded,
 )
 
 
@@ -136,3 +138,40 @@ def test_length_controlled_win_rate_edge_cases():
     assert 0.5 < sweep["mean"] < 1.0 and math.isfinite(sweep["low"])  # every item won: finite through the ridge
     with pytest.raises(ValueError, match="differ in shape"):
         length_controlled_win_rate([1.0, 0.0], [1.0])
+
+
+def test_seeded_draws_the_same_numbers_and_leaves_the_cpu_stream_alone():
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    with seeded(7):
+        first = torch.rand(3)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the training stream continues where it was
+    with seeded(7):
+        assert torch.equal(torch.rand(3), first)
+
+
+def test_seeded_forks_and_seeds_the_cuda_device_in_use_only(monkeypatch):
+    """On a GPU the validation seed must not leak into the training rollouts' CUDA stream (issue 27): the device in use is
+    forked (saved and restored) and seeded; no other device is touched. Checked with a fake CUDA device list."""
+    forked, seeds = [], {}
+
+    @contextlib.contextmanager
+    def fork_rng(devices=None, **kwargs):
+        forked.append(list(devices))
+        yield
+
+    class FakeGenerator:
+        def __init__(self, index):
+            self.index = index
+
+        def manual_seed(self, seed):
+            seeds[self.index] = seed
+
+    monkeypatch.setattr(torch.random, "fork_rng", fork_rng)
+    monkeypatch.setattr(torch.cuda, "default_generators", tuple(FakeGenerator(i) for i in range(4)))
+    with seeded(11, torch.device("cuda", 2)):
+        pass
+    assert forked == [[2]] and seeds == {2: 11}
+    with seeded(11, torch.device("cpu")):
+        pass
+    assert forked[-1] == [] and seeds == {2: 11}

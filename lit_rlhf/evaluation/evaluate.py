@@ -30,7 +30,7 @@ import torch
 
 from lit_rlhf.data.datamodules import PromptDataModule, Source
 from lit_rlhf.evaluation.judges import ChatJudge, LogprobJudge, Verdict
-from lit_rlhf.evaluation.stats import LENGTH_EDGES, by_length, length_controlled_win_rate, mean_with_interval, pairwise_outcomes
+from lit_rlhf.evaluation.stats import LENGTH_EDGES, by_length, length_controlled_win_rate, mean_with_interval, pairwise_outcomes, seeded
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.stages.common import decode_responses
@@ -80,8 +80,7 @@ class PolicySampler(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         tok, queries = self.tokenizer, batch["query_ids"]
         pad_id = tok.pad_token_id
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed + batch_idx + self.global_rank * RANK_SEED_STRIDE)
+        with seeded(self.seed + batch_idx + self.global_rank * RANK_SEED_STRIDE, queries.device):
             sample = sample_and_score(
                 self.policy, self.reward_model, queries, tok, self.response_length, self.temperature,
                 self.truncate, self.non_eos_penalty, self.penalty,

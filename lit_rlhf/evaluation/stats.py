@@ -7,7 +7,8 @@ resampling), seeded so that a re-run prints the same interval.
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torchmetrics import MeanMetric
@@ -16,6 +17,25 @@ from torchmetrics.wrappers import BootStrapper
 
 #: response-length bucket edges in tokens for the length-controlled win rate (N+ reports win rate against length)
 LENGTH_EDGES = (20, 30, 40, 50)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: Optional[torch.device] = None) -> Iterator[None]:
+    """Draw from the CPU generator (and, for a CUDA ``device``, that device's generator) seeded with ``seed``, then put
+    both back as they were: a validation batch samples the same way in every run, and the training rollouts after it
+    continue their own streams.
+
+    ``torch.manual_seed`` inside ``torch.random.fork_rng(devices=[])`` would reseed every CUDA generator while saving
+    none of them, so every rollout after a validation on a GPU would restart from the same CUDA state (issue 27); here
+    the one device in use is forked and seeded, and no other device gets a CUDA context.
+    """
+    cuda = device is not None and torch.device(device).type == "cuda"
+    index = (torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()) if cuda else None
+    with torch.random.fork_rng(devices=[index] if cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 def pairwise_outcomes(scores: torch.Tensor, other_scores: torch.Tensor) -> torch.Tensor:
@@ -48,8 +68,7 @@ def mean_with_interval(
     if values.numel() == 0:
         return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
     tail = (1.0 - confidence) / 2
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         bootstrap = BootStrapper(
             MeanMetric(), num_bootstraps=num_resamples, quantile=torch.tensor([tail, 1.0 - tail]),
             sampling_strategy="multinomial",

@@ -17,7 +17,7 @@ from torch import nn
 from torchmetrics import CatMetric, MeanMetric
 
 from lit_rlhf.algorithms import eos_penalized, is_stop, truncate_after_eos
-from lit_rlhf.evaluation.stats import mean_with_interval, pairwise_outcomes
+from lit_rlhf.evaluation.stats import mean_with_interval, pairwise_outcomes, seeded
 from lit_rlhf.models.forward import generate, response_logprobs, sequence_scores, shared_prefix_scores
 from lit_rlhf.models.loading import stop_token_ids
 from lit_rlhf.models.parallel import is_sharded
@@ -201,8 +201,7 @@ class PolicyValidation:
         """Mean RM score, KL to :meth:`eval_reference` (sum over tokens), length and EOS rate of sampled responses."""
         hp, tok = self.hparams, self.tokenizer
         temperature, queries = hp.eval_temperature, batch["query_ids"]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hp.seed + batch_idx + self.global_rank * RANK_SEED_STRIDE)
+        with seeded(hp.seed + batch_idx + self.global_rank * RANK_SEED_STRIDE, queries.device):
             sample = sample_and_score(
                 self.policy, self.reward_model, queries, tok, hp.response_length, temperature,
                 hp.truncate_after_eos, hp.non_eos_penalty, hp.penalty_reward_value, batch.get("reference_ids"),
