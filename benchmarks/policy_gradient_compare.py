@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import resource
 import sys
 import time
@@ -29,39 +28,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-from ppo_lr_sweep import PerPromptScores, prompt_data  # noqa: E402
+from ppo_lr_sweep import PerPromptScores, prompt_data  # noqa: E402  (sets the offline environment before lit_rlhf loads)
 
+from lit_rlhf.evaluation.report import quarter_means  # noqa: E402
 from lit_rlhf.evaluation.stats import mean_with_interval  # noqa: E402
 from lit_rlhf.host_memory import reuse_freed_memory  # noqa: E402
 from lit_rlhf.stages.ppo import PRESETS, PPOModule  # noqa: E402
-
-
-class TrainingRewards(Callback):
-    """The mean training reward (``objective/scores``) of every update."""
-
-    def __init__(self) -> None:
-        self.rewards: list[float] = []
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.rewards.append(float(trainer.callback_metrics["objective/scores"]))
-
-
-def quarter_difference(values: list[float]) -> float:
-    """Mean of the last quarter minus mean of the first quarter (at least one value each)."""
-    quarter = max(1, len(values) // 4)
-    return sum(values[-quarter:]) / quarter - sum(values[:quarter]) / quarter
-
-
-def parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
 
 
 def variant_settings(name: str, overrides: list[str]) -> dict[str, Any]:
@@ -72,7 +48,7 @@ def variant_settings(name: str, overrides: list[str]) -> dict[str, Any]:
         target, _, assignment = item.partition(":")
         if target == name:
             key, _, value = assignment.partition("=")
-            settings[key] = parse_value(value)
+            settings[key] = yaml.safe_load(value)
     return settings
 
 
@@ -93,10 +69,10 @@ def run(config: dict[str, Any], args: argparse.Namespace, settings: dict[str, An
         data.splits = dict(splits)
     L.seed_everything(config.get("seed_everything", 1), verbose=False)
     module = PPOModule(**model_args)
-    scores, rewards = PerPromptScores(), TrainingRewards()
+    scores = PerPromptScores()
     trainer = L.Trainer(
         accelerator="cpu", devices=1, precision=args.precision, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[scores, rewards],
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[scores],
     )
     start = time.perf_counter()
     if settings is None:
@@ -106,7 +82,7 @@ def run(config: dict[str, Any], args: argparse.Namespace, settings: dict[str, An
     seconds = time.perf_counter() - start
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("eval/")}
     return {
-        "settings": settings, "seconds": seconds, "per_prompt": scores.scores, "training_rewards": rewards.rewards,
+        "settings": settings, "seconds": seconds, "per_prompt": scores.scores, "training_rewards": list(module.training_rewards),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **metrics,
     }
 
@@ -165,7 +141,8 @@ def main() -> None:
 
     def row(name: str, result: dict[str, Any]) -> None:
         gain = mean_with_interval(torch.tensor(result["per_prompt"]) - sft)
-        curve = f"{quarter_difference(result['training_rewards']):+.3f}" if result["training_rewards"] else "-"
+        first, last = quarter_means(result["training_rewards"]) if result["training_rewards"] else (0.0, 0.0)
+        curve = f"{last - first:+.3f}" if result["training_rewards"] else "-"
         print(
             f"| {name} | {result['eval/scores']:.3f} | {gain['mean']:+.3f} ({gain['low']:+.3f} to {gain['high']:+.3f}) | "
             f"{result.get('eval/win_rate', float('nan')):.3f} | {result['eval/kl']:.2f} | {result['eval/response_length']:.1f} | "

@@ -56,6 +56,13 @@ def policy_gradient_run(run_dir: Path, directory: Optional[str] = None) -> tuple
     return "PPO", []
 
 
+def quarter_means(values: list[float]) -> tuple[float, float]:
+    """The means of the first and the last quarter of ``values`` (at least one value each): a training curve's start
+    and end."""
+    quarter = max(1, len(values) // 4)
+    return sum(values[:quarter]) / quarter, sum(values[-quarter:]) / quarter
+
+
 def learning_lines(name: str, sft: Optional[dict[str, Any]], policy: Optional[dict[str, Any]]) -> list[str]:
     """Did the run learn? The paired RM-score gain of ``policy`` over ``sft`` on the same validation prompts (per-prompt
     ``validation_scores``, same sampling seeds) with its bootstrap 95% interval, and the training reward's
@@ -72,8 +79,7 @@ def learning_lines(name: str, sft: Optional[dict[str, Any]], policy: Optional[di
              f"{gain['mean']:+.3f} (95% CI {gain['low']:+.3f} to {gain['high']:+.3f}), {verdict}"]
     curve = policy.get("training_rewards") or []
     if curve:
-        quarter = max(1, len(curve) // 4)
-        first, last = sum(curve[:quarter]) / quarter, sum(curve[-quarter:]) / quarter
+        first, last = quarter_means(curve)
         lines.append(f"  training reward (mean over each update's rollouts) over {len(curve)} updates: first quarter {first:.3f}, "
                      f"last quarter {last:.3f}, difference {last - first:+.3f}")
     return lines
