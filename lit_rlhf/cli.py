@@ -25,7 +25,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_rlhf.callbacks import StageCheckpoint
 from lit_rlhf.data.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
-from lit_rlhf.host_memory import reuse_freed_memory
 from lit_rlhf.stages.dpo import DPOModule
 from lit_rlhf.stages.online_dpo import OnlineDPOModule
 from lit_rlhf.stages.ppo import PRESETS, PPOModule
@@ -100,7 +99,6 @@ def eval_main(command: str, args: list[str]) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``lit-rlhf`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    reuse_freed_memory()  # large tensors without a page fault per 4 KiB page (every rank runs this entry point)
     if argv and argv[0] in ("eval", "eval-rm"):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         eval_main(argv[0], argv[1:])

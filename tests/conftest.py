@@ -7,6 +7,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the stages' CPU fits would otherwise retune this process's malloc for the rest of the session
+# (lit_rlhf.host_memory; tests/test_host_memory.py checks it in processes of its own)
+os.environ["LIT_RLHF_REUSE_FREED_MEMORY"] = "0"
 
 from pathlib import Path  # noqa: E402
 

@@ -63,6 +63,7 @@ def main(model_dir: str, stage: int) -> None:
     from lit_rlhf.models.forward import generate
     from lit_rlhf.models.parallel import (
         accumulation_boundary,
+        engine_gradient_norm,
         full_state_dict,
         gathered_for_generation,
         is_sharded,
@@ -126,12 +127,21 @@ def main(model_dir: str, stage: int) -> None:
     engine.step()
     reference_optimizer = torch.optim.SGD(plain.parameters(), lr=1.0)  # linear in the gradient
     torch.stack([loss_of(plain, ids[r]) for r in range(world)]).mean().backward()
+    # the non-finite guard's view of the gradient, p.grad being freed: the engine's global norm of the step
+    want_norm = torch.nn.utils.get_total_norm([p.grad for p in plain.parameters()])
+    got_norm = engine_gradient_norm(engine)
+    assert got_norm is not None and abs(got_norm - want_norm) <= 1e-4 * want_norm, (got_norm, want_norm)
     reference_optimizer.step()
     trained = full_state_dict(sharded) if stage == 3 else sharded.state_dict()
     if rank == 0:
         expected = plain.state_dict()
         difference = max((trained[k] - expected[k]).abs().max().item() for k in trained)
         assert difference < 1e-5, f"ZeRO-{stage} accumulated step differs from the plain step by {difference}"
+    # a NaN loss: (fp32) DeepSpeed skips the step as an overflow, and the norm says so
+    accumulation_boundary(strategy, True)
+    engine.backward(loss_of(sharded, micro[0]) * float("nan"))
+    engine.step()
+    assert not torch.isfinite(engine_gradient_norm(engine)), engine_gradient_norm(engine)
     if stage == 2:
         check_frozen_offload(model_dir, offload_to_cpu_engine, is_sharded, full_state_dict, rank)
     torch.distributed.barrier()

@@ -99,6 +99,20 @@ def deepspeed_engine(strategy: Any) -> Any:
     return engine if hasattr(engine, "set_gradient_accumulation_boundary") else None
 
 
+def engine_gradient_norm(engine: Any) -> Optional[torch.Tensor]:
+    """``()`` float32: the global gradient norm (over every rank and partition) of the optimiser step a DeepSpeed
+    engine just took (``engine.get_global_grad_norm()``), or ``None`` without an engine, before its first step, when
+    it computes no norm, or under fp16 dynamic loss scaling (an overflow there is a skipped step, not an error).
+
+    DeepSpeed frees ``p.grad`` after its gradient reduction, so this is the gradient the non-finite guard can see under
+    ZeRO. A non-finite gradient shows as a NaN norm (bf16) or as the ``inf`` of a skipped overflow step (fp32, fp16).
+    """
+    if engine is None or (getattr(engine, "fp16_enabled", lambda: False)() and getattr(engine, "dynamic_loss_scale", lambda: False)()):
+        return None
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else torch.as_tensor(norm, dtype=torch.float32).detach().reshape(())
+
+
 def accumulation_boundary(strategy: Any, is_last: bool) -> None:
     """Before each micro-batch's forward of a manual gradient accumulation (several forward/backward pairs, then one
     ``optimizer.step()``, inside one ``training_step``): prepare a DeepSpeed engine for it. A no-op for every other

@@ -17,10 +17,12 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 
 from lit_rlhf.algorithms import truncate_after_eos
+from lit_rlhf.host_memory import reuse_freed_memory, trains_on_one_cpu
 from lit_rlhf.models.loading import load_causal_lm, stop_token_ids
 from lit_rlhf.models.lora import AdaptersDisabled, LoRA, add_lora, is_peft, save_lora_model
 from lit_rlhf.models.parallel import (
     deepspeed_engine,
+    engine_gradient_norm,
     full_state_dict,
     is_sharded,
     local_tensor,
@@ -31,6 +33,14 @@ from lit_rlhf.models.parallel import (
 
 #: learning-rate schedules (:func:`lr_factor`)
 SCHEDULES = ("cosine", "linear", "constant")
+#: what the non-finite guard checks at every optimiser step (:meth:`StageModule.check_parameters`), in the order its
+#: message names them
+STEP_CHECKS = ("loss", "gradient norm", "parameters")
+
+
+def nonfinite_count(value: torch.Tensor) -> torch.Tensor:
+    """``()`` int64: the NaNs and infinities in ``value`` (this process's shard of a DTensor)."""
+    return (~torch.isfinite(local_tensor(value.detach()))).sum()
 
 
 def lr_factor(step: int, total_steps: int, schedule: str, warmup_ratio: float = 0.0) -> float:
@@ -214,10 +224,12 @@ class StageModule(L.LightningModule):
       at the start of training, so a run resumed from any checkpoint draws the same samples, permutations and
       dropout masks as the uninterrupted run. (Data order and position are the ``StatefulDataLoader``'s, optimiser,
       scheduler and counters Lightning's.)
-    * **Non-finite guard.** A non-finite loss (before its backward), gradient norm (before the optimiser step) or
-      trainable parameter (after it) raises :class:`NonFiniteError` naming the quantity, the stage and the step,
-      before any checkpoint or export of that step is written. Stages check their own further quantities (PPO and
-      online DPO: the reward-model scores) with :meth:`check_finite`. Every rank takes the same decision.
+    * **Non-finite guard.** A non-finite loss (at any backward), gradient norm (before the optimiser step; DeepSpeed's
+      global norm of the step under DeepSpeed) or trainable parameter (after it) raises :class:`NonFiniteError`
+      naming the quantity, the stage and the step right after that optimiser step (:meth:`check_parameters`), before
+      any checkpoint or export of that step is written: one collective per optimiser step. Stages check their own
+      further quantities (PPO and online DPO: the reward-model scores) with :meth:`check_finite`. Every rank takes the
+      same decision.
     """
 
     #: the stage's name in messages (the CLI subcommand)
@@ -319,8 +331,12 @@ class StageModule(L.LightningModule):
         :meth:`setup` for runs built in Python."""
 
     def setup(self, stage: str) -> None:
+        """Check the DataModule's arguments against this module's, and, when fitting on the CPU in one process, make
+        ``malloc`` keep freed memory for large blocks (:func:`~lit_rlhf.host_memory.reuse_freed_memory`)."""
         if stage == "fit" and self._trainer is not None and self.trainer.datamodule is not None:
             self.check_datamodule(self.trainer.datamodule)
+        if stage == "fit" and self._trainer is not None and trains_on_one_cpu(self.trainer):
+            reuse_freed_memory()
 
     def on_fit_start(self) -> None:
         self._register_deepspeed_engine()
@@ -412,40 +428,72 @@ class StageModule(L.LightningModule):
         fit_loop._data_fetcher.setup(combined)
         iter(fit_loop._data_fetcher)
 
+    def log_metrics(self, metrics: dict[str, Any], **kwargs: Any) -> None:
+        """``self.log_dict(metrics, **kwargs)`` with every value (a number or a tensor anywhere) made a tensor on the
+        module's device first: with ``sync_dist=True`` Lightning reduces each value across ranks, and NCCL reduces
+        device tensors only (a CPU tensor, e.g. one built from the learning rate, fails or stalls there)."""
+        self.log_dict({key: torch.as_tensor(value, device=self.device) for key, value in metrics.items()}, **kwargs)
+
     # ------------------------------------------------------------------ non-finite guard
+    def _reduced_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """``counts`` summed over the ranks (one collective; none in a single process), on this process's CPU."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum")  # NCCL reduces device tensors
+        return counts.cpu()
+
+    def _raise_nonfinite(self, name: str) -> None:
+        raise NonFiniteError(
+            f"{self.stage_name}: non-finite {name} at step {self.global_step} (epoch {self.current_epoch}); the run "
+            "stops before this step's checkpoint or export is written, so the last ones on disk are intact"
+        )
+
     def check_finite(self, name: str, value: torch.Tensor) -> None:
-        """Raise :class:`NonFiniteError` if ``value`` holds a NaN or infinity on any rank.
+        """Raise :class:`NonFiniteError` at once if ``value`` holds a NaN or infinity on any rank (one collective).
 
         Args:
-            name: what ``value`` is, for the message (e.g. ``"loss"``, ``"reward-model score"``).
+            name: what ``value`` is, for the message (e.g. ``"reward-model score"``).
             value: any tensor.
         """
-        bad = (~torch.isfinite(local_tensor(value.detach()))).sum().float()
-        if self._trainer is not None and self.trainer.world_size > 1:
-            bad = bad.to(self.device)  # NCCL reduces device tensors
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")  # every rank stops together
-        if bad.item() > 0:
-            raise NonFiniteError(
-                f"{self.stage_name}: non-finite {name} at step {self.global_step} (epoch {self.current_epoch}); the run "
-                "stops before this step's checkpoint or export is written, so the last ones on disk are intact"
-            )
+        if self._reduced_counts(nonfinite_count(value).float().reshape(1)).item() > 0:
+            self._raise_nonfinite(name)
+
+    def note_nonfinite(self, name: str, value: torch.Tensor) -> None:
+        """Count the NaNs and infinities of ``value`` (one of :data:`STEP_CHECKS`) for the verdict of the current
+        optimiser step (:meth:`check_parameters`), without a synchronisation or a collective."""
+        counts = getattr(self, "_step_nonfinite", None)
+        if counts is None:
+            counts = self._step_nonfinite = torch.zeros(len(STEP_CHECKS), device=value.device)
+        counts[STEP_CHECKS.index(name)] += nonfinite_count(value).to(counts.device)
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
-        self.check_finite("loss", loss)
+        self.note_nonfinite("loss", loss)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [local_tensor(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:  # this process's shards under FSDP2: check_finite takes every rank's verdict
-            self.check_finite("gradient norm", torch.nn.utils.get_total_norm(grads))
+        if grads:  # this process's shards under FSDP2 (DeepSpeed keeps no p.grad: check_parameters reads its norm)
+            self.note_nonfinite("gradient norm", torch.nn.utils.get_total_norm(grads))
 
     def check_parameters(self) -> None:
-        """Raise :class:`NonFiniteError` naming the first trainable parameter holding a NaN or infinity (checked on
-        this process's shard under FSDP2; every rank stops)."""
+        """After each optimiser step: the step's verdict. Raise :class:`NonFiniteError` if any rank saw a non-finite
+        loss (at a backward of the step), gradient norm or trainable parameter (this process's shard under FSDP2),
+        naming the first of those and, for a parameter, the first bad one on this process.
+
+        Every rank takes the same decision with one collective per optimiser step, however many backwards the step
+        accumulated. Under DeepSpeed, which frees ``p.grad`` after its reduction, the gradient norm is the engine's
+        global one of the step just taken (:func:`~lit_rlhf.models.parallel.engine_gradient_norm`).
+        """
+        engine_norm = engine_gradient_norm(deepspeed_engine(self.trainer.strategy) if self._trainer is not None else None)
+        if engine_norm is not None:
+            self.note_nonfinite("gradient norm", engine_norm)
         params = [(name, local_tensor(p)) for name, p in self.named_parameters() if p.requires_grad]
         finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params]) if params else torch.ones(1, dtype=torch.bool)
-        if not finite.all():
-            self.check_finite(f"parameter {params[int((~finite).nonzero()[0])][0]}", torch.tensor(float("nan")))
-        self.check_finite("parameters", torch.zeros(()))  # the other ranks' verdicts
+        self.note_nonfinite("parameters", torch.where(finite.all(), 0.0, float("nan")))
+        counts, self._step_nonfinite = self._reduced_counts(self._step_nonfinite), None
+        if counts.any():
+            name = STEP_CHECKS[int(counts.nonzero()[0])]
+            if name == "parameters" and not finite.all():
+                name = f"parameter {params[int((~finite).nonzero()[0])][0]}"
+            self._raise_nonfinite(name)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Automatic optimisation: the step, then :meth:`check_parameters` (manual stages call it themselves)."""

@@ -439,7 +439,7 @@ class OnlineDPOModule(PolicyValidation, StageModule):
             "iteration/eos_fraction": data["contains_eos"].float().mean(),
             **{key: torch.stack(values).mean() for key, values in stats.items()},
         }
-        self.log_dict(metrics, sync_dist=True, batch_size=batch["query_ids"].size(0), on_step=True, on_epoch=False, prog_bar=False)
+        self.log_metrics(metrics, sync_dist=True, batch_size=batch["query_ids"].size(0), on_step=True, on_epoch=False, prog_bar=False)
         self.log("objective/scores_mean", metrics["iteration/scores"], prog_bar=True, sync_dist=True, on_step=True)
         tok, k = self.tokenizer, self.hparams.samples_per_prompt
         self.iteration_samples = [

@@ -699,8 +699,8 @@ class PPOModule(PolicyValidation, StageModule):
             "objective/response_length": mask.sum(1).float().mean(),
             # PPO-max monitoring: perplexity of the responses under the sampling distribution (temperature-scaled, P4)
             "objective/perplexity": torch.exp(masked_mean(-data["logprobs"], mask)),
-            "lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
-            "objective/kl_coef": torch.tensor(self.kl_controller.value),  # the coefficient of this update's rewards
+            "lr": self.optimizers().param_groups[0]["lr"],
+            "objective/kl_coef": self.kl_controller.value,  # the coefficient of this update's rewards
         }
         for key, name in (("loss/value", "loss/value"), ("vf_clipfrac", "val/clipfrac"), ("loss/ptx", "loss/ptx"), ("loss/kl", "loss/kl")):
             if key in stats:
@@ -708,9 +708,9 @@ class PPOModule(PolicyValidation, StageModule):
         for name, values in data.get("reward_parts", {}).items():  # each reward source's mean, unweighted
             metrics[f"objective/reward/{name}"] = values.mean()
         if self.hparams.reward_norm or self.hparams.reward_scaling:
-            metrics["objective/scores_running_mean"] = torch.tensor(self.score_moments.mean)
-            metrics["objective/scores_running_std"] = torch.tensor(self.score_moments.std)
-        self.log_dict(metrics, sync_dist=True, batch_size=batch_size)
+            metrics["objective/scores_running_mean"] = self.score_moments.mean
+            metrics["objective/scores_running_std"] = self.score_moments.std
+        self.log_metrics(metrics, sync_dist=True, batch_size=batch_size)
         self.reward_curve.values.append(float(self.trainer.strategy.reduce(metrics["objective/scores"].detach(), reduce_op="mean")))
         episodes = (batch_idx + 1) * batch_size * self.trainer.world_size
         self.log("eps", episodes / max(1e-6, time.time() - self._start_time), prog_bar=True, rank_zero_only=True)
