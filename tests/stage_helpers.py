@@ -165,3 +165,26 @@ def validation_queries(tokenizer_dir: Path, rows: int) -> torch.Tensor:
     )
     data.setup("validate")
     return next(iter(data.val_dataloader()))["query_ids"]
+
+
+def direct_kl(
+    policy: torch.nn.Module, reference: torch.nn.Module, queries: torch.Tensor, responses: torch.Tensor,
+    stop_ids: list[int], pad_token_id: int, temperature: float,
+) -> torch.Tensor:
+    """The KL of recipe P4 computed independently of ``lit_rlhf.models.forward``: ``(B,)`` sums over each response's
+    tokens, up to its first stop id, of policy minus reference logprobs with logits divided by ``temperature``, from
+    one plain forward of each model on ``[queries | responses]`` (``(B, Q)`` left-padded, ``(B, T)`` raw samples)."""
+    stops = torch.isin(responses, torch.tensor(stop_ids))
+    real = (stops.long().cumsum(1) - stops.long()) == 0  # up to and including the first stop id
+    ids = torch.cat([queries, responses.masked_fill(~real, pad_token_id)], dim=1)
+    mask = ids != pad_token_id
+    targets = responses.masked_fill(~real, 0).unsqueeze(2)
+
+    def logprobs(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(input_ids=ids.masked_fill(~mask, 0), attention_mask=mask.long(),
+                           position_ids=(mask.long().cumsum(1) - 1).clamp(min=0)).logits
+        scaled = logits[:, queries.size(1) - 1 : -1].double() / temperature
+        return torch.log_softmax(scaled, dim=-1).gather(2, targets).squeeze(2)
+
+    return ((logprobs(policy) - logprobs(reference)) * real).sum(1)

@@ -14,12 +14,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import SFT_DATA
 from stage_helpers import (
     QUERY_LENGTH,
+    RM_MAX_LENGTH,
+    RM_RESPONSE_LENGTH,
     SFT_MAX_LENGTH,
     SFT_RESPONSE_LENGTH,
     assert_finite,
+    direct_kl,
     last_checkpoint,
     last_record,
     load_checkpoint,
@@ -29,12 +33,14 @@ from stage_helpers import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import lit_rlhf.stages.policy_eval as policy_eval
 import lit_rlhf.stages.ppo as ppo_stage
 from lit_rlhf.algorithms import INVALID_LOGPROB
 from lit_rlhf.cli import main
 from lit_rlhf.data.datamodules import PreferenceDataModule
+from lit_rlhf.evaluation.stats import mean_with_interval
 from lit_rlhf.models.forward import model_inputs, sequence_scores
-from lit_rlhf.models.loading import PAD_TOKEN, load_tokenizer
+from lit_rlhf.models.loading import PAD_TOKEN, load_tokenizer, stop_token_ids
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.stages.ppo import PPOModule
 from lit_rlhf.stages.reward import RewardModule
@@ -57,7 +63,8 @@ def sft_run(runs_root, tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def rm_run(runs_root, sft_run) -> Path:
-    config = stage_config("rm", runs_root, model={"model": str(sft_run / "model"), "lr": 1e-3})
+    # 5 validation comparisons: an odd count, so that an accuracy computed with chosen and rejected swapped differs
+    config = stage_config("rm", runs_root, model={"model": str(sft_run / "model"), "lr": 1e-3}, data={"val_samples": 5})
     main(["rm", "fit", "--config", str(config)])
     return runs_root / "rm"
 
@@ -85,7 +92,7 @@ def test_sft_export_loads_with_pad_token(sft_run, tiny_model_dir):
     assert (export / "config.json").is_file() and (export / "model.safetensors").is_file()
     model = AutoModelForCausalLM.from_pretrained(export)
     tokenizer = AutoTokenizer.from_pretrained(export)
-    assert tokenizer.pad_token == PAD_TOKEN and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert PAD_TOKEN not in tokenizer.get_vocab() and tokenizer.pad_token_id == tokenizer.eos_token_id  # the model's own pad
     assert model.get_input_embeddings().num_embeddings == VOCAB  # not resized for [PAD] (recipe D6)
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     trained_params, initial_params = dict(model.named_parameters()), dict(initial.named_parameters())
@@ -123,14 +130,34 @@ def test_sft_validate_without_fit(tiny_model_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------- RM
-def test_rm_fit_logs_finite_losses_and_accuracy(rm_run):
+def test_rm_fit_logs_finite_losses_and_accuracy(rm_run, sft_run):
     record = last_record(rm_run, "fit")
     assert record["global_step"] == 4
     metrics = record["metrics"]
     assert_finite(metrics, "train/loss", "val/loss", "val/accuracy", "val/chosen_score", "val/rejected_score", "val/padding_rel_diff")
-    assert 0.0 <= metrics["val/accuracy_low"] <= metrics["val/accuracy"] <= metrics["val/accuracy_high"] <= 1.0
-    assert metrics["val/accuracy_high"] - metrics["val/accuracy_low"] > 0 or metrics["val/accuracy"] in (0.0, 1.0)
     assert metrics["val/padding_rel_diff"] < 1e-2  # recipe R7: left and right padding score alike
+    # the validation figures again from the export (the final weights; validation ran before the R5 bias was set),
+    # each whole (query, summary) row scored on its own instead of the stage's shared-query forward
+    model = ScalarModel.load(str(rm_run / "model"))
+    data = PreferenceDataModule(
+        path=str(SFT_DATA.parent / "comparisons"), tokenizer=str(sft_run / "model"), query_length=QUERY_LENGTH,
+        response_length=RM_RESPONSE_LENGTH, max_length=RM_MAX_LENGTH, eval_batch_size=2, val_samples=5,
+    )
+    data.setup("validate")
+    pad = load_tokenizer(str(sft_run / "model")).pad_token_id
+    with torch.no_grad():
+        chosen, rejected = (
+            torch.cat([sequence_scores(model, batch[key], pad) for batch in data.val_dataloader()]) + model.config.bias
+            for key in ("chosen_ids", "rejected_ids")
+        )
+    correct = (chosen > rejected).float()
+    assert correct.numel() == 5
+    interval = mean_with_interval(correct)
+    assert [metrics[f"val/accuracy{end}"] for end in ("", "_low", "_high")] == pytest.approx(
+        [interval["mean"], interval["low"], interval["high"]], abs=1e-6)
+    assert metrics["val/loss"] == pytest.approx(-F.logsigmoid(chosen - rejected).mean().item(), rel=1e-4)
+    assert metrics["val/chosen_score"] == pytest.approx(chosen.mean().item(), rel=1e-4, abs=1e-5)
+    assert metrics["val/rejected_score"] == pytest.approx(rejected.mean().item(), rel=1e-4, abs=1e-5)
     assert any(key.startswith("val/accuracy_batch/") for key in metrics)
 
 
@@ -193,8 +220,10 @@ def test_ppo_fit_logs_finite_metrics(ppo_run):
     assert 1.0 <= metrics["eval/response_length"] <= 8.0
     # linear annealing over the 2 updates (P8): the last update ran at half the initial rate
     assert metrics["lr"] == pytest.approx(1e-3 * (1 - 1 / 2))
-    if metrics["val/num_eos_tokens"] == 0:  # no response ended: every score is the penalty (P3)
-        assert metrics["objective/scores"] == pytest.approx(-1.0)
+    # the near-uniform tiny policy ends none of its 2 x 8 sampled tokens with EOS (seeded; chance ~16 / 49152), so every
+    # score is the penalty (P3)
+    assert metrics["val/num_eos_tokens"] == 0
+    assert metrics["objective/scores"] == pytest.approx(-1.0)
 
 
 def test_ppo_export_has_policy_and_value_model(ppo_run, rm_run, sft_run):
@@ -207,7 +236,7 @@ def test_ppo_export_has_policy_and_value_model(ppo_run, rm_run, sft_run):
     frozen = [key for key in trained if key.startswith(("model.embed_tokens.", "model.layers.0."))]
     assert frozen and all(torch.equal(trained[key], sft[key]) for key in frozen)
     assert any(not torch.equal(trained[key], sft[key]) for key in trained if key.startswith("model.layers.1."))
-    assert AutoTokenizer.from_pretrained(export).pad_token == PAD_TOKEN
+    assert AutoTokenizer.from_pretrained(export).pad_token != PAD_TOKEN  # [PAD] stays internal
     assert (export / "value" / "config.json").is_file()
     value = ScalarModel.load(str(export / "value"))
     reward = ScalarModel.load(str(rm_run / "model"))
@@ -247,11 +276,40 @@ def test_ppo_validate_before_training_has_zero_kl(rm_run, tiny_model_dir, tmp_pa
     assert metrics["eval/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
     assert 1.0 <= metrics["eval/response_length"] <= 8.0
     assert 0.0 <= metrics["eval/eos_fraction"] <= 1.0
-    if metrics["eval/eos_fraction"] == 0.0:  # every response lacks EOS: all get the penalty score (P3)
-        assert metrics["eval/scores"] == pytest.approx(-1.0)
+    # the random-init policy ends none of its responses (seeded; chance ~32 / 49152): all get the penalty score (P3)
+    assert metrics["eval/eos_fraction"] == 0.0
+    assert metrics["eval/scores"] == pytest.approx(-1.0)
     # the RM judge's win rate against the reference summaries: 4 prompts, each 1, 0.5 or 0 -> a multiple of 1/8
     assert 0.0 <= metrics["eval/win_rate_low"] <= metrics["eval/win_rate"] <= metrics["eval/win_rate_high"] <= 1.0
     assert (metrics["eval/win_rate"] * 8) == pytest.approx(round(metrics["eval/win_rate"] * 8))
+
+
+def test_ppo_validate_kl_of_a_trained_policy_is_the_sum_of_logprob_differences(
+    sft_run, tiny_model_dir, tiny_reward_dir, tmp_path, monkeypatch
+):
+    """A policy that differs from its reference (the SFT export against the random init it was trained from) runs
+    both models: ``eval/kl`` is the mean over prompts of the summed, temperature-scaled logprob differences of the
+    sampled responses (P4), recomputed here by a plain forward of each model."""
+    sampled = []
+    real_generate = policy_eval.generate
+
+    def record(model, queries, *args):
+        responses = real_generate(model, queries, *args)
+        sampled.append((queries, responses))
+        return responses
+
+    monkeypatch.setattr(policy_eval, "generate", record)
+    model = {"policy": str(sft_run / "model"), "ref_policy": str(tiny_model_dir), "reward_model": str(tiny_reward_dir)}
+    main(["ppo", "validate", "--config", str(stage_config("ppo", tmp_path, model=model))])
+    metrics = last_record(tmp_path / "ppo", "validate")["metrics"]
+    policy, reference = (AutoModelForCausalLM.from_pretrained(path) for path in (sft_run / "model", tiny_model_dir))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    queries, responses = (torch.cat(parts) for parts in zip(*sampled))
+    assert queries.size(0) == 4  # the 4 validation prompts, each sampled once
+    kl = direct_kl(policy, reference, queries, responses, stop_token_ids(tokenizer), tokenizer.pad_token_id,
+                   metrics["eval/temperature"])
+    assert kl.abs().mean() > 1e-2  # the trained policy is not its reference
+    assert metrics["eval/kl"] == pytest.approx(kl.mean().item(), rel=1e-4, abs=1e-6)
 
 
 # -------------------------------------------------------------------------------------------------- the rollout
