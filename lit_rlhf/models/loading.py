@@ -7,6 +7,8 @@ The packaged default ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGU
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import json
 import logging
@@ -14,11 +16,18 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 log = logging.getLogger(__name__)
 
@@ -214,16 +223,150 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None) -> PreTr
 
     A directory holding LoRA adapters only (a stage export with ``merge_on_export=False``) gives its base model with
     the adapters merged in.
+
+    Args:
+        name_or_path: see :func:`resolve_model_path`.
+        dtype: the parameters' dtype; ``None``: torch's default dtype, which Lightning sets to the training dtype
+            around ``configure_model`` under a ``*-true`` precision (float32 otherwise).
+
+    Under :func:`weights_on_meta` the parameters are left on the ``meta`` device for
+    :func:`lit_rlhf.models.parallel.materialize` to load after sharding.
     """
     from lit_rlhf.models.lora import adapter_base, load_merged_adapters
 
     path = resolve_model_path(name_or_path)
     base = adapter_base(Path(path)) if Path(path).is_dir() else None
     if base is not None:
-        return load_merged_adapters(load_causal_lm(base, dtype), Path(path))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        with weights_on_meta(False):  # merging needs the base weights
+            return load_merged_adapters(load_causal_lm(base, dtype), Path(path))
+    dtype = dtype or torch.get_default_dtype()
+    model = _causal_lm_on_meta(path, dtype) if _ON_META.get() else None
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.generation_config.pad_token_id = None  # we pass our own generation settings
     return disable_dropout(model)
+
+
+#: whether :func:`load_causal_lm` and :class:`~lit_rlhf.models.scalar.ScalarModel` loaders build on the meta device
+_ON_META: contextvars.ContextVar[bool] = contextvars.ContextVar("lit_rlhf_weights_on_meta", default=False)
+#: attribute of a model built on the meta device: ``(checkpoint directory, {state-dict key: checkpoint key})``
+CHECKPOINT_ATTRIBUTE = "lit_rlhf_checkpoint"
+
+
+@contextlib.contextmanager
+def weights_on_meta(enabled: bool = True) -> Iterator[None]:
+    """While active, :func:`load_causal_lm`, ``ScalarModel.load`` and ``ScalarModel.from_backbone`` build their models
+    with every checkpoint parameter on the ``meta`` device (no memory) and buffers real, and record where each weight
+    is (:data:`CHECKPOINT_ATTRIBUTE`); :func:`lit_rlhf.models.parallel.materialize` later reads each process's shards
+    of them from the checkpoint (torch's FSDP2 recipe: ``fully_shard`` on meta, ``to_empty``, load).
+
+    A checkpoint that is not safetensors, or whose keys do not name every parameter (legacy names), loads whole as
+    before. ``enabled=False`` turns it off inside (LoRA merges need real weights).
+    """
+    token = _ON_META.set(enabled)
+    try:
+        yield
+    finally:
+        _ON_META.reset(token)
+
+
+def loads_on_meta() -> bool:
+    """Whether a :func:`weights_on_meta` context is active."""
+    return _ON_META.get()
+
+
+def safetensors_directory(path: str) -> Optional[Path]:
+    """The local directory holding the ``*.safetensors`` weights of a resolved model path (a local directory, or a hub
+    name's cached snapshot of its safetensors and JSON files), or ``None`` (no safetensors weights, not reachable)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception:  # noqa: BLE001 - offline without a cached snapshot, gated, ...: from_pretrained reports it
+            return None
+    return directory if any(directory.glob("*.safetensors")) else None
+
+
+def built_on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` with its parameters created on the ``meta`` device and its buffers real (accelerate's
+    ``init_empty_weights(include_buffers=False)``: non-persistent buffers such as rotary frequencies are computed, not
+    loaded), without drawing from the random generator."""
+    from accelerate import init_empty_weights
+
+    with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
+        model = build()
+    if hasattr(model, "tie_weights"):  # accelerate's patched register_parameter made the tied parameters two
+        model.tie_weights()
+    return model
+
+
+def checkpoint_names(model: nn.Module, directory: Path) -> Optional[dict[str, str]]:
+    """For a model built by :func:`built_on_meta`: the name in the safetensors checkpoint of ``directory`` of each of
+    its state-dict entries the checkpoint holds, as ``from_pretrained`` matches them (transformers' key renamings of
+    the architecture, e.g. GPTNeoX's ``embed_out`` -> ``lm_head``, and its base-model prefix added or stripped).
+    Tied parameters appear once.
+
+    Returns:
+        ``{state-dict key: checkpoint key}``, or ``None`` when a parameter still on the meta device has no tensor there,
+        or a tensor needs one of transformers' weight converters (fused or split tensors), not a rename.
+    """
+    from safetensors import safe_open
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model) if isinstance(model, PreTrainedModel) else []
+    renamings = [transform for transform in transforms if isinstance(transform, WeightRenaming)]
+    converters = [transform for transform in transforms if isinstance(transform, WeightConverter)]
+    state = model.state_dict(keep_vars=True)
+    prefix = getattr(model, "base_model_prefix", None)
+    names: dict[str, str] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                key, converter = rename_source_key(name, renamings, converters, prefix, state)
+                if key not in state and name in state:
+                    key = name
+                if converter is not None:
+                    log.info("%s: %s needs a weight converter; loading it whole", directory, name)
+                    return None
+                if key in state:
+                    names.setdefault(key, name)
+    seen: set[int] = set()
+    for key, tensor in state.items():
+        if id(tensor) in seen:
+            names.pop(key, None)  # a tied parameter, loaded under its first name
+            continue
+        seen.add(id(tensor))
+        if tensor.is_meta and key not in names:
+            log.info("%s: no tensor for %s in the checkpoint; loading it whole", directory, key)
+            return None
+    return names
+
+
+def defer_to_checkpoint(model: nn.Module, directory: Path, names: Optional[dict[str, str]]) -> Optional[nn.Module]:
+    """Record on ``model`` that its meta parameters are to be read from the checkpoint of ``directory`` under
+    ``names`` (:func:`checkpoint_names`); ``None`` (and nothing recorded) when ``names`` is ``None``."""
+    if names is None:
+        return None
+    setattr(model, CHECKPOINT_ATTRIBUTE, (directory, names))
+    return model
+
+
+def _causal_lm_on_meta(path: str, dtype: torch.dtype) -> Optional[PreTrainedModel]:
+    """:func:`load_causal_lm`'s model built on meta under :func:`weights_on_meta` (as ``from_pretrained`` builds it:
+    the directory's config and generation config, eval mode), or ``None`` to load it whole."""
+    directory = safetensors_directory(path)
+    if directory is None:
+        return None
+    config = AutoConfig.from_pretrained(path)
+    model = built_on_meta(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype))
+    if defer_to_checkpoint(model, directory, checkpoint_names(model, directory)) is None:
+        return None
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model.eval()
 
 
 def load_config(name_or_path: str) -> Any:

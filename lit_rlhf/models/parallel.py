@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ try:  # FSDP2 (torch >= 2.6 exports it here)
 except ImportError:  # pragma: no cover - older torch
     from torch.distributed._composable.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard  # type: ignore
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def block_classes(model: nn.Module) -> set[str]:
@@ -63,8 +64,66 @@ def shard_model(model: nn.Module, mesh: Any, mp_policy: Optional[MixedPrecisionP
     kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
     for block in blocks:
         fully_shard(block, **kwargs)
-    fully_shard(root, **kwargs)
+    # the root stays unsharded between its forward and backward (torch's recommendation: its parameters would be
+    # all-gathered again at once for the backward); it reshards after the backward
+    fully_shard(root, reshard_after_forward=ROOT_RESHARD_AFTER_FORWARD, **kwargs)
     return model
+
+
+#: ``reshard_after_forward`` of the root FSDP unit (embeddings, final norm, heads); blocks reshard after forward
+ROOT_RESHARD_AFTER_FORWARD = False
+
+
+def materialize(model: nn.Module, device: Union[str, torch.device]) -> nn.Module:
+    """Give the parameters that ``model`` holds on the ``meta`` device (built under
+    :func:`lit_rlhf.models.loading.weights_on_meta`, then sharded or not) memory on ``device`` and read their values
+    from the checkpoint: each process reads only its own shard of each weight (torch's
+    ``HuggingFaceStorageReader`` reads safetensors slices), in the parameters' dtype. Parameters and buffers that were
+    not on meta (computed buffers, a freshly drawn scalar head) keep their values. A no-op for a model not built
+    on meta.
+
+    Torch's FSDP2 recipe for models too large for one process: ``fully_shard`` on meta, ``to_empty``, load the
+    state dict (https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html). Collective for a sharded model.
+
+    Returns:
+        ``model``, materialised in place.
+    """
+    from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+
+    from lit_rlhf.models.loading import CHECKPOINT_ATTRIBUTE
+
+    record = getattr(model, CHECKPOINT_ATTRIBUTE, None)
+    if record is None:
+        return model
+    directory, names = record
+    kept = {
+        name: local_tensor(tensor).detach().clone()
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()] if not tensor.is_meta
+    }
+    model.to_empty(device=device)
+    tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    with torch.no_grad():
+        for name, value in kept.items():
+            local_tensor(tensors[name]).copy_(value)
+    state = model.state_dict()
+    load({names[key]: state[key] for key in names}, storage_reader=HuggingFaceStorageReader(str(directory)))
+    delattr(model, CHECKPOINT_ATTRIBUTE)
+    return model
+
+
+class AllGathers(TorchDispatchMode):
+    """Counts the all-gather collectives dispatched while it is active (``with AllGathers() as gathers: ...``, then
+    ``gathers.count``): FSDP2 all-gathers each unit's parameters with one (``c10d::_allgather_base_``). For
+    measurements and tests of communication; torch's ``CommDebugMode`` does more but its module tracking fails on
+    transformers models under FSDP2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        self.count += "allgather" in func.name()
+        return func(*args, **(kwargs or {}))
 
 
 def is_sharded(model: Any) -> bool:
@@ -212,7 +271,8 @@ def gathered_for_generation(model: nn.Module) -> Iterator[None]:
         finally:
             for unit in units:
                 unit.reshard()
-                unit.set_reshard_after_forward(True, recurse=False)
+                # the root unit (the outermost, first in module order) keeps shard_model's setting
+                unit.set_reshard_after_forward(unit is not units[0] or ROOT_RESHARD_AFTER_FORWARD, recurse=False)
         return
     if any(hasattr(p, "ds_id") for p in model.parameters()):
         with _zero3_gathered(model):

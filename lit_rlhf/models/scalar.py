@@ -14,7 +14,15 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from lit_rlhf.models.loading import disable_dropout, resolve_model_path
+from lit_rlhf.models.loading import (
+    built_on_meta,
+    checkpoint_names,
+    defer_to_checkpoint,
+    disable_dropout,
+    loads_on_meta,
+    resolve_model_path,
+    safetensors_directory,
+)
 
 
 class ScalarModelConfig(PretrainedConfig):
@@ -66,17 +74,34 @@ class ScalarModel(PreTrainedModel):
     def from_backbone(cls, name_or_path: str, dtype: torch.dtype = torch.float32) -> "ScalarModel":
         """A new scalar model on the transformer of a causal LM (e.g. the SFT checkpoint), head per R2.
 
-        Dropout is disabled (recipe D8).
+        Dropout is disabled (recipe D8). Under :func:`~lit_rlhf.models.loading.weights_on_meta` the backbone's
+        parameters stay on the ``meta`` device (the head is drawn as always) for
+        :func:`lit_rlhf.models.parallel.materialize`.
         """
         path = resolve_model_path(name_or_path)
-        backbone = AutoModel.from_pretrained(path, dtype=dtype)
+        directory = safetensors_directory(path) if loads_on_meta() else None
+        if directory is not None:
+            backbone = built_on_meta(lambda: AutoModel.from_config(AutoConfig.from_pretrained(path), dtype=dtype)).eval()
+        else:
+            backbone = AutoModel.from_pretrained(path, dtype=dtype)
         base = backbone.config
         config = ScalarModelConfig(base_config=base.to_dict(), hidden_size=base.hidden_size)
-        return disable_dropout(cls(config, backbone=backbone))
+        model = cls(config, backbone=backbone)
+        if directory is not None:
+            names = checkpoint_names(backbone, directory)  # the backbone's keys in the causal LM checkpoint
+            if names is None:  # weights transformers converts: the backbone loads whole
+                model.backbone = AutoModel.from_pretrained(path, dtype=dtype)
+            else:
+                defer_to_checkpoint(model, directory, {f"backbone.{key}": name for key, name in names.items()})
+        return disable_dropout(model)
 
     @classmethod
-    def load(cls, name_or_path: str, dtype: torch.dtype = torch.float32) -> "ScalarModel":
+    def load(cls, name_or_path: str, dtype: Optional[torch.dtype] = None) -> "ScalarModel":
         """Load a saved scalar model (reward or value model) with dropout disabled (recipe D8).
+
+        ``dtype``: the parameters' dtype (``None``: torch's default dtype, the training dtype inside Lightning's
+        ``configure_model`` under a ``*-true`` precision). Under :func:`~lit_rlhf.models.loading.weights_on_meta` the
+        parameters stay on the ``meta`` device for :func:`lit_rlhf.models.parallel.materialize`.
 
         Raises:
             FileNotFoundError: naming a missing directory.
@@ -86,7 +111,15 @@ class ScalarModel(PreTrainedModel):
         config = AutoConfig.from_pretrained(path)
         if getattr(config, "model_type", None) != ScalarModelConfig.model_type:
             raise ValueError(f"{path} holds a '{config.model_type}' model, not a lit_rlhf reward/value model")
-        return disable_dropout(cls.from_pretrained(path, dtype=dtype))
+        dtype = dtype or torch.get_default_dtype()
+        directory = safetensors_directory(path) if loads_on_meta() else None
+        model = None
+        if directory is not None:
+            model = built_on_meta(lambda: cls._from_config(config, dtype=dtype))
+            model = defer_to_checkpoint(model, directory, checkpoint_names(model, directory))
+        if model is None:
+            return disable_dropout(cls.from_pretrained(path, dtype=dtype))
+        return disable_dropout(model.eval())
 
     def forward(
         self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any

@@ -18,7 +18,7 @@ from torch import nn
 
 from lit_rlhf.algorithms import truncate_after_eos
 from lit_rlhf.host_memory import reuse_freed_memory, trains_on_one_cpu
-from lit_rlhf.models.loading import load_causal_lm, stop_token_ids
+from lit_rlhf.models.loading import load_causal_lm, stop_token_ids, weights_on_meta
 from lit_rlhf.models.lora import AdaptersDisabled, LoRA, add_lora, is_peft, save_lora_model
 from lit_rlhf.models.parallel import (
     deepspeed_engine,
@@ -26,6 +26,7 @@ from lit_rlhf.models.parallel import (
     full_state_dict,
     is_sharded,
     local_tensor,
+    materialize,
     offload_to_cpu_engine,
     register_zero3_engine,
     shard_model,
@@ -250,31 +251,42 @@ class StageModule(L.LightningModule):
 
         The frozen models are sharded too unless the strategy says ``shard_frozen=False``.
 
+        Under FSDP2 the models are built with their parameters on the ``meta`` device
+        (:func:`~lit_rlhf.models.loading.weights_on_meta`), sharded, then each process reads its own shards from the
+        checkpoints in the training dtype (:func:`~lit_rlhf.models.parallel.materialize`): no process holds a whole
+        model (LoRA runs load whole).
+
         Under Lightning's ``DeepSpeedStrategy`` (:meth:`prepare_deepspeed`) ZeRO-3 partitions the models as they load
         (transformers' DeepSpeed integration), and ``max_grad_norm`` becomes DeepSpeed's ``gradient_clipping``.
 
         Raises:
             ValueError: with a tensor-parallel mesh (only data parallelism is supported).
         """
+        mesh = self._device_mesh
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(f"{self.stage_name}: tensor parallelism is not supported; use tensor_parallel_size=1 (FSDP2Strategy)")
         if not getattr(self, "_models_loaded", False):
             self.prepare_deepspeed()
-            self.load_models()
+            # FSDP2: parameters on meta until sharded, then each process reads its shards (LoRA models load whole: peft
+            # draws the adapters' initial values on the base weights' device)
+            lora = any(getattr(self, name, None) is not None for name in ("lora", "value_lora"))
+            with weights_on_meta(mesh is not None and not getattr(self, "_models_sharded", False) and not lora):
+                self.load_models()
             self._models_loaded = True
-            if getattr(self._trainer.strategy if self._trainer is not None else None, "offload_frozen", False):
+            if getattr(strategy, "offload_frozen", False):
                 self.offload_frozen_models()
-        mesh = self._device_mesh
         if mesh is None or getattr(self, "_models_sharded", False):
             return
-        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
-            raise ValueError(f"{self.stage_name}: tensor parallelism is not supported; use tensor_parallel_size=1 (FSDP2Strategy)")
         data_parallel = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-        shard_frozen = getattr(self._trainer.strategy if self._trainer is not None else None, "shard_frozen", True)
+        shard_frozen = getattr(strategy, "shard_frozen", True)
+        device = strategy.root_device if strategy is not None else torch.device(mesh.device_type)
         for name, child in self.named_children():
             if not hasattr(child, "config"):  # metrics, not models
                 continue
-            if not shard_frozen and not any(p.requires_grad for p in child.parameters()):
-                continue
-            shard_model(child, data_parallel)
+            if shard_frozen or any(p.requires_grad for p in child.parameters()):
+                shard_model(child, data_parallel)
+            materialize(child, device)
         self._models_sharded = True
 
     def prepare_deepspeed(self) -> None:
