@@ -37,11 +37,26 @@ def replace_path(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def commit_on_every_node(trainer: L.Trainer, partial: Path, target: Path) -> None:
+    """Rename a written ``partial`` checkpoint (file or directory of shards) to ``target`` on every filesystem that holds
+    one, once every rank has written its part (``Trainer.save_checkpoint`` ends with a barrier).
+
+    One node after the other, the node's local rank 0 renames ``partial`` if it is there: on a filesystem shared by
+    all nodes the first node renames it and the others find nothing left; with node-local checkpoint directories each
+    node renames its own shards (those of a DeepSpeed or distributed FSDP2 checkpoint); any mix works the same way.
+    No two processes ever rename at once; one barrier per node.
+    """
+    for node in range(trainer.num_nodes):
+        if node == trainer.node_rank and trainer.local_rank == 0 and os.path.lexists(partial):
+            replace_path(partial, target)
+        trainer.strategy.barrier("stage_checkpoint_commit")
+
+
 def remove_leftovers(directory: Path, patterns: tuple[str, ...], what: str) -> list[Path]:
     """Delete what a killed run left half-written in ``directory`` (glob ``patterns``) and warn about it."""
     found = sorted(path for pattern in patterns for path in Path(directory).glob(pattern)) if Path(directory).is_dir() else []
-    for path in found:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for path in found:  # another node sharing the filesystem may be removing the same ones
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     if found:
         rank_zero_warn(f"removed {len(found)} half-written {what} left by an interrupted run: {', '.join(map(str, found))}")
     return found
@@ -56,8 +71,9 @@ class StageCheckpoint(ModelCheckpoint):
     * **The stage's own unit.** ``every_n_updates`` counts PPO updates (training batches; a stage with
       ``optimizer_steps_per_update`` has that many optimiser steps per update), ``every_n_train_steps`` optimiser
       steps (SFT, RM, DPO), ``every_n_epochs`` epochs (online DPO: iterations).
-    * **Never half-written.** A checkpoint is written to ``{name}.partial`` and renamed into place; ``*.partial``
-      files a killed run left are removed (with a warning) when the next run starts.
+    * **Never half-written.** A checkpoint is written to ``{name}.partial`` and renamed into place, on every node
+      (:func:`commit_on_every_node`: shared or node-local checkpoint directories); ``*.partial`` files a killed run
+      left are removed (with a warning) when the next run starts, on every node.
     * **Preemption.** During ``fit``, SIGTERM, SIGINT and SIGUSR1 (SLURM's requeue signal) stop the run at the next
       safe point (the end of the current training batch, i.e. PPO update or optimiser step), where ``last.ckpt`` is
       written; the run then exits with code ``128 + signal`` (``lit_rlhf.cli``). A second SIGINT stops at once.
@@ -102,7 +118,7 @@ class StageCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         if self.every_n_updates is not None:
             self._every_n_train_steps = self.every_n_updates * getattr(pl_module, "optimizer_steps_per_update", 1)
-        if trainer.is_global_zero:
+        if trainer.local_rank == 0:  # every node: node-local checkpoint directories have their own leftovers
             remove_leftovers(Path(self.dirpath), ("*.partial",), "checkpoints")
         if stage == "fit" and self.handle_signals:
             StageCheckpoint.received_signal = None
@@ -147,9 +163,7 @@ class StageCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         partial = f"{filepath}.partial"
         super()._save_checkpoint(trainer, partial)
-        if trainer.is_global_zero and os.path.exists(partial):
-            replace_path(Path(partial), Path(filepath))
-        trainer.strategy.barrier("stage_checkpoint")
+        commit_on_every_node(trainer, Path(partial), Path(filepath))
         self._last_checkpoint_saved = filepath
 
 

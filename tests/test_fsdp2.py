@@ -20,7 +20,6 @@ from typing import Any, Optional
 import pytest
 import torch
 import yaml
-from conftest import ROOT
 from safetensors.torch import load_file
 from stage_helpers import assert_finite, free_port, last_checkpoint, load_checkpoint, results, run_processes, stage_config
 from torch.distributed.checkpoint import FileSystemReader
@@ -159,9 +158,19 @@ def test_fsdp2_ppo_matches_ddp_and_resumes_from_a_mid_run_checkpoint(ppo_runs, t
 @pytest.mark.timeout(900)
 def test_two_nodes_launched_by_torchrun_train_the_same_ppo_policy(ppo_runs, tmp_path):
     """``torchrun`` on "2 nodes x 1 process" (both here, rendezvous on 127.0.0.1); Lightning takes the ranks from the
-    torchrun environment and launches nothing itself."""
+    torchrun environment and launches nothing itself.
+
+    Each node runs in a directory of its own with a relative ``default_root_dir``: the same checkpoint path on two
+    filesystems, as with node-local disks. Each node's checkpoint shards are committed there (the old commit renamed on
+    global rank 0 only and left node 1's ``last.ckpt.partial``)."""
     _, fsdp2, _, model, data = ppo_runs
     config = stage_config("ppo", tmp_path, model=model, data=data)
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"]["default_root_dir"] = "ppo"
+    config.write_text(yaml.safe_dump(settings))
+    homes = [tmp_path / f"node-{rank}" for rank in (0, 1)]
+    for home in homes:
+        home.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     port = free_port()
     nodes = [
@@ -169,7 +178,7 @@ def test_two_nodes_launched_by_torchrun_train_the_same_ppo_policy(ppo_runs, tmp_
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
              "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "lit_rlhf.cli", "ppo", "fit", "--config", str(config),
              "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.accelerator", "cpu", "--trainer.strategy", "fsdp2"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=homes[rank], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for rank in (0, 1)
     ]
@@ -178,8 +187,12 @@ def test_two_nodes_launched_by_torchrun_train_the_same_ppo_policy(ppo_runs, tmp_
         assert node.returncode == 0, f"node {rank}:\n{output[-5000:]}"
         assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in output
     assert "Starting with 2 processes" in outputs[0]
-    assert max_difference(exported_weights(tmp_path / "ppo"), exported_weights(fsdp2)) == 0.0
-    assert [record for record in results(tmp_path / "ppo") if record["fn"] == "fit"][-1]["global_step"] == 4
+    assert max_difference(exported_weights(homes[0] / "ppo"), exported_weights(fsdp2)) == 0.0
+    assert [record for record in results(homes[0] / "ppo") if record["fn"] == "fit"][-1]["global_step"] == 4
+    for rank, home in enumerate(homes):
+        checkpoints = home / "ppo" / "checkpoints"
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"], sorted(checkpoints.iterdir())
+        assert (checkpoints / "last.ckpt" / f"__{rank}_0.distcp").is_file()
 
 
 @pytest.mark.timeout(900)
