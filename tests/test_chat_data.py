@@ -214,13 +214,13 @@ def test_end_of_turn_that_is_not_eos_stops_and_the_pad_is_distinct(tmp_path, def
     assert renderer.response(renderer.prompt([USER], 64), ANSWER)[-1] == IM_END  # the template's end of turn
 
 
-def test_a_tokenizers_own_pad_token_is_kept_when_no_stop_token(tmp_path, default_model_dir):
+def test_a_tokenizers_own_pad_token_is_an_ordinary_token_and_padding_is_the_internal_pad(tmp_path, default_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
     tokenizer.pad_token = "<empty_output>"  # id 16: a special token that is no stop token
     tokenizer.save_pretrained(tmp_path)
     shutil.copy(default_model_dir / "config.json", tmp_path / "config.json")
     loaded = load_tokenizer(str(tmp_path))
-    assert loaded.pad_token_id == 16 and len(loaded) == len(tokenizer)  # no [PAD] added
+    assert loaded.pad_token_id == PAD_ID  # the model may sample 16: padding is our [PAD] (issue 27)
     assert Renderer(loaded).encode("x <empty_output> y").count(16) == 0  # text never gives the pad id
 
 

@@ -217,7 +217,8 @@ def generate(
     :func:`~lit_rlhf.models.loading.stop_token_ids`) may be sampled at any step and is never suppressed; a row that
     sampled one gets filler tokens after it, which :func:`~lit_rlhf.algorithms.truncate_after_eos` replaces by PAD (P3).
     When every row has sampled a stop id before ``T`` tokens, generation stops; the rows are then right-padded with
-    ``pad_token_id`` to ``T`` (the same after P3).
+    ``pad_token_id`` to ``T`` (the same after P3). The pad id is never sampled (suppressed where it lies inside the LM
+    head, see :func:`~lit_rlhf.models.loading.load_tokenizer`), so padding stays where ``ids == pad_token_id``.
 
     Under FSDP2 or ZeRO-3 the parameters are gathered once for the whole call
     (:func:`~lit_rlhf.models.parallel.gathered_for_generation`). An unsharded model under autocast samples from a
@@ -244,6 +245,7 @@ def generate(
         top_p=1.0,
         eos_token_id=[int(token) for token in torch.as_tensor(eos_token_id).flatten()],
         pad_token_id=0,
+        suppress_tokens=[pad_token_id],  # a no-op for an id outside the LM head (the usual [PAD], recipe D6)
     )
     # position_ids are rebuilt from the attention mask inside generate; pass ids with pads replaced. A sharded model
     # (FSDP2, ZeRO-3) is gathered once for all T steps, and every process runs T steps (synced_gpus) so that none

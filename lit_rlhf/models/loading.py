@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import importlib.util
 import json
 import logging
@@ -193,13 +194,25 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and make sure its pad token is distinct from every stop id (recipe D6, W1).
+    """Load a tokenizer for training: left padding, and an internal pad token ``[PAD]`` that no real token equals (recipe
+    D6, W1).
 
-    A tokenizer without a pad token, or whose pad token is EOS or an end-of-turn token (SmolLM2: ``<|im_end|>``), gets a
-    new ``[PAD]`` token; a tokenizer's own distinct pad token is kept. The PAD id may lie outside the model's embedding
-    matrix: the embedding is **not** resized. Callers replace pad ids before the forward pass (see
-    :func:`lit_rlhf.models.forward.model_inputs`). The model directory's ``generation_config.json`` EOS ids join the
-    stop ids (:func:`stop_token_ids`).
+    **Padding is where ``ids == pad_token_id``** in every padded batch (forward helpers, trunk, caches, rewards), so the
+    pad id must never be a real token. Every tokenizer therefore gets our own ``[PAD]`` special token as its pad token,
+    even one that has a pad token of its own (Qwen's ``<|endoftext|>``, Llama 3's ``<|finetune_right_pad_id|>``, or EOS
+    / the end of turn, SmolLM2's ``<|im_end|>``): that token stays an ordinary token, read and sampled like any other.
+    ``[PAD]`` cannot come from real text or from sampling:
+
+    * the data path encodes text with ``split_special_tokens=True`` and chat templates with ``sanitize_control_tokens``
+      (:mod:`lit_rlhf.data.templates`), so the text ``"[PAD]"`` is encoded as text, never as the pad id;
+    * :func:`~lit_rlhf.models.forward.generate` suppresses the pad id, which matters where it lies inside the LM head
+      (a vocabulary padded beyond the tokenizer's, e.g. Pythia's 50,304 rows for 50,277 tokens); usually (SmolLM2,
+      Llama 3) it lies outside the embedding matrix, which is **not** resized: callers replace pad ids before the
+      forward pass (:func:`lit_rlhf.models.forward.model_inputs`).
+
+    (The alternative, padding from attention masks, would need a mask beside every padded tensor of every stage.)
+    ``[PAD]`` stays internal: stage exports ship :func:`export_tokenizer` instead, whose pad is the model's own. The
+    model directory's ``generation_config.json`` EOS ids join the stop ids (:func:`stop_token_ids`).
 
     Raises:
         ValueError: when the tokenizer has no EOS token.
@@ -212,10 +225,30 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if generation_config.is_file():
         eos = json.loads(generation_config.read_text(encoding="utf-8")).get("eos_token_id")
         tokenizer.lit_rlhf_generation_eos = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in stop_token_ids(tokenizer):
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    original = copy.deepcopy(tokenizer)  # what an export ships (export_tokenizer)
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.padding_side = "left"
+    tokenizer.lit_rlhf_original = original
     return tokenizer
+
+
+def export_tokenizer(tokenizer: PreTrainedTokenizerBase, padding_side: str = "left") -> PreTrainedTokenizerBase:
+    """The tokenizer a stage export ships: the one :func:`load_tokenizer` read, without the internal ``[PAD]``.
+
+    Its pad token is the model's own (the tokenizer's pad token as loaded), or EOS when it has none, so that plain
+    ``AutoTokenizer.from_pretrained`` + ``AutoModelForCausalLM.from_pretrained`` + ``pipeline("text-generation")`` (or
+    vLLM) batch-generate from the export without an id outside the embedding matrix. ``padding_side`` is saved with it:
+    ``"left"`` for a causal LM (batched generation), ``"right"`` for a reward / value model, whose forward counts
+    positions from the first column. Loading the export with :func:`load_tokenizer` gives back the internal ``[PAD]``.
+
+    Args:
+        tokenizer: a tokenizer from :func:`load_tokenizer` (any other tokenizer is copied as it is).
+    """
+    exported = copy.deepcopy(getattr(tokenizer, "lit_rlhf_original", tokenizer))
+    if exported.pad_token_id is None or exported.pad_token == PAD_TOKEN:  # an export of an older version had [PAD]
+        exported.pad_token = exported.eos_token
+    exported.padding_side = exported.init_kwargs["padding_side"] = padding_side  # init_kwargs: saved in tokenizer_config.json
+    return exported
 
 
 def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:

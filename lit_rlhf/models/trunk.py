@@ -133,20 +133,26 @@ class RowCache:
 
     def get(self, keys: Sequence[bytes], compute: Callable[[int], torch.Tensor]) -> list[torch.Tensor]:
         """The value of each key; ``compute(i)`` gives row ``i``'s value when its key is not stored yet."""
-        out = []
-        for index, key in enumerate(keys):
-            value = self.values.get(key)
+        return self.get_batched(keys, lambda rows: [compute(i) for i in rows])
+
+    def get_batched(self, keys: Sequence[bytes], compute: Callable[[list[int]], Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+        """The value of each key; ``compute(rows)`` gives the values of all the rows whose keys are not stored yet, in one
+        call (a key repeated within ``keys`` is computed once, for its first row); it is not called when every key is
+        stored."""
+        values: list[Optional[torch.Tensor]] = [self.values.get(key) for key in keys]
+        missing: dict[bytes, int] = {}  # key -> its first row
+        for index, (key, value) in enumerate(zip(keys, values)):
             if value is None:
-                self.misses += 1
-                value = compute(index)
-                size = value.numel() * value.element_size()
-                if self.bytes + size <= self.max_bytes:
-                    self.values[key] = value
-                    self.bytes += size
-            else:
-                self.hits += 1
-            out.append(value)
-        return out
+                missing.setdefault(key, index)
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        computed = dict(zip(missing, compute(list(missing.values())))) if missing else {}
+        for key, value in computed.items():
+            size = value.numel() * value.element_size()
+            if self.bytes + size <= self.max_bytes:
+                self.values[key] = value
+                self.bytes += size
+        return [computed[key] if value is None else value for key, value in zip(keys, values)]
 
 
 #: trunk caches of this process by trunk fingerprint, most recent last (a few, so a sweep over folds and

@@ -18,7 +18,7 @@ from torch import nn
 
 from lit_rlhf.algorithms import truncate_after_eos
 from lit_rlhf.host_memory import reuse_freed_memory, trains_on_one_cpu
-from lit_rlhf.models.loading import load_causal_lm, stop_token_ids, weights_on_meta
+from lit_rlhf.models.loading import export_tokenizer, load_causal_lm, stop_token_ids, weights_on_meta
 from lit_rlhf.models.lora import AdaptersDisabled, LoRA, add_lora, is_peft, save_lora_model
 from lit_rlhf.models.parallel import (
     deepspeed_engine,
@@ -31,6 +31,7 @@ from lit_rlhf.models.parallel import (
     register_zero3_engine,
     shard_model,
 )
+from lit_rlhf.models.scalar import ScalarModelConfig
 
 #: learning-rate schedules (:func:`lr_factor`)
 SCHEDULES = ("cosine", "linear", "constant")
@@ -523,6 +524,9 @@ class StageModule(L.LightningModule):
     def save_hf(self, directory: Optional[Path]) -> None:
         """Write :meth:`exported_models` and the tokenizer in Hugging Face format to ``directory``.
 
+        The tokenizer is :func:`~lit_rlhf.models.loading.export_tokenizer`'s: the model's own pad token (or EOS), never
+        the internal ``[PAD]``, so that the export batch-generates with a plain transformers pipeline.
+
         Call it on every process: a sharded model is gathered to process 0, which alone writes (the others pass
         ``None`` or any path, nothing is written there). The weights are checked first, shard by shard.
 
@@ -544,7 +548,9 @@ class StageModule(L.LightningModule):
                 else:
                     model.save_pretrained(target, state_dict=state if is_sharded(model) else None)
         if directory is not None and (self._trainer is None or self.trainer.is_global_zero):
-            self.tokenizer.save_pretrained(directory)
+            # the model's own pad token (or EOS), not the internal [PAD]; left padding for a causal LM's batched generation
+            scalar = getattr(getattr(models.get(""), "config", None), "model_type", None) == ScalarModelConfig.model_type
+            export_tokenizer(self.tokenizer, padding_side="right" if scalar else "left").save_pretrained(directory)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over every trainable parameter (frozen models and blocks are left out), schedule per step."""

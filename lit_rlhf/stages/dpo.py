@@ -44,9 +44,9 @@ class DPOModule(StageModule):
 
     Each step computes the summed response logprobs of chosen and rejected summaries under the policy (with
     gradient) and under the reference policy (no gradient), then the loss of :func:`~lit_rlhf.algorithms.dpo_loss`.
-    The reference logprob of a sequence is computed once, on the sequence alone (keyed with the other sequence of its
-    comparison, whose trunk pass it shares), and kept for later epochs and validations (``reference_cache``, a
-    :class:`~lit_rlhf.models.trunk.RowCache`). With ``trainable_layers`` the
+    The reference logprob of a sequence is computed once (the batch's sequences not cached yet in one forward; keyed
+    with the other sequence of its comparison, whose trunk pass it shares), and kept for later epochs and validations
+    (``reference_cache``, a :class:`~lit_rlhf.models.trunk.RowCache`). With ``trainable_layers`` the
     frozen lower blocks the two models share run once per comparison and are kept too (``trunk_cache``; see
     :class:`~lit_rlhf.models.trunk.FrozenTrunk`), so a later epoch runs the policy's top blocks only.
 
@@ -138,23 +138,22 @@ class DPOModule(StageModule):
         """Summed reference logprobs ``(2B,)`` of the responses in ``ids`` ``(2B, Q + T)``, ``cat([chosen, rejected])``
         (``hidden``: trunk output, run pair by pair).
 
-        With the reference cache each uncached row runs alone, unpadded, so its value does not depend on its batch.
+        With the reference cache the rows not cached yet run in one forward (the batch's rows, as they are padded): on a
+        single epoch (the paper configs) no row is ever cached, and the cache costs nothing over the uncached forward.
         """
         pad, ref_policy = self.tokenizer.pad_token_id, self.trunk.top(self.ref_policy)
         if self.reference_logprobs is None:
             return response_logprob_sums(ref_policy, ids, context_length, pad, hidden)
-        mask = ids != pad
 
-        def one_row(i: int) -> torch.Tensor:
-            query = int(mask[i, :context_length].sum())
-            row = ids[i][mask[i]].unsqueeze(0)  # (1, n): the query's and the response's real tokens
-            row_hidden = None if hidden is None else hidden[i][mask[i]].unsqueeze(0)
-            return response_logprob_sums(ref_policy, row, query, pad, row_hidden)[0]
+        def missed(rows: list[int]) -> torch.Tensor:
+            index = torch.tensor(rows, device=ids.device)
+            sub_hidden = None if hidden is None else hidden[index]
+            return response_logprob_sums(ref_policy, ids[index], context_length, pad, sub_hidden)  # (len(rows),)
 
         # a row's trunk output depends on its pair (they run as one group): the key holds both, the row's first
         keys = row_keys(ids, pad, split=context_length)
         keys = [key + b"#" + keys[(i + len(keys) // 2) % len(keys)] for i, key in enumerate(keys)]
-        return torch.stack(self.reference_logprobs.get(keys, one_row))
+        return torch.stack(self.reference_logprobs.get_batched(keys, lambda rows: list(missed(rows))))
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, chosen_rewards, rejected_rewards)`` of :func:`~lit_rlhf.algorithms.dpo_loss` on a batch."""
