@@ -55,3 +55,26 @@ def test_sampling_under_autocast_uses_cast_weights_and_gives_the_same_tokens(tin
     assert calls == [torch.bfloat16]
     monkeypatch.setattr(forward, "with_cast_linears", lambda module, dtype: module)  # autocast casts at every step
     assert torch.equal(cast, sample())
+
+
+def test_the_cast_copy_is_made_on_the_cpu_only(monkeypatch):
+    """On a GPU the cast copy would be a second model in memory at every rollout: it is made where it was measured."""
+    from torch import nn
+
+    from lit_rlhf.models import forward
+
+    class Sampler(_EarlyStop, nn.Module):
+        def __init__(self, device: str) -> None:
+            nn.Module.__init__(self)
+            _EarlyStop.__init__(self, torch.tensor([[2], [2]]))
+            self.proj = nn.Linear(2, 2, device=device)
+
+    calls = []
+    monkeypatch.setattr(forward, "with_cast_linears", lambda module, dtype: calls.append(dtype) or module)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device=None: True)  # as under autocast on any device
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device: torch.bfloat16)
+    queries = torch.full((2, 4), 7)
+    forward.generate(Sampler("meta"), queries, PAD, eos_token_id=2, max_new_tokens=3, temperature=1.0)  # not a CPU
+    assert calls == []
+    forward.generate(Sampler("cpu"), queries, PAD, eos_token_id=2, max_new_tokens=3, temperature=1.0)
+    assert calls == [torch.bfloat16]

@@ -221,10 +221,11 @@ def generate(
     head, see :func:`~lit_rlhf.models.loading.load_tokenizer`), so padding stays where ``ids == pad_token_id``.
 
     Under FSDP2 or ZeRO-3 the parameters are gathered once for the whole call
-    (:func:`~lit_rlhf.models.parallel.gathered_for_generation`). An unsharded model under autocast samples from a
-    copy with its linear weights already in the autocast dtype (:func:`with_cast_linears`: the same tokens, without
-    re-casting the weights at each of the T steps; measured side by side 12.6 -> 10.5 s for 16 x 53 tokens after
-    192-token queries, SmolLM2-135M in bf16 on 2 CPU cores).
+    (:func:`~lit_rlhf.models.parallel.gathered_for_generation`). An unsharded model on the CPU under autocast samples
+    from a copy with its linear weights already in the autocast dtype (:func:`with_cast_linears`: the same tokens,
+    without re-casting the weights at each of the T steps; measured side by side 12.6 -> 10.5 s for 16 x 53 tokens after
+    192-token queries, SmolLM2-135M in bf16 on 2 CPU cores). Only there: on a GPU the copy would be a second model in
+    memory at every rollout, for a gain never measured there.
 
     Raises:
         RuntimeError: if fewer than ``T`` tokens come back while some row has no EOS.
@@ -255,7 +256,7 @@ def generate(
     sampler = model
     if isinstance(model, nn.Module) and not sharded:
         device = next(model.parameters()).device.type
-        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != torch.float32:
+        if device == "cpu" and torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != torch.float32:
             sampler = with_cast_linears(model, torch.get_autocast_dtype(device))
     with gathered_for_generation(model):
         output = sampler.generate(
