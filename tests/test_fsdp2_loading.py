@@ -96,3 +96,26 @@ def test_fsdp2_ppo_models_load_on_meta_and_each_rank_reads_its_shards(tiny_model
     block twice and the root once."""
     # a failing rank raises here with its traceback
     mp.spawn(_setup_worker, args=(free_port(), str(tiny_model_dir), str(tiny_reward_dir)), nprocs=2)
+
+
+def test_an_unsharded_model_built_on_meta_loads_the_checkpoint_with_its_ties(tiny_model_dir, tiny_reward_dir):
+    """A model left unsharded (FSDP2 with ``shard_frozen=False``) is materialised whole: the checkpoint's weights, the
+    LM head still the input embedding (``to_empty`` unties them), the buffers ``from_pretrained`` computes."""
+    from lit_rlhf.models.loading import load_causal_lm, weights_on_meta
+    from lit_rlhf.models.parallel import materialize
+    from lit_rlhf.models.scalar import ScalarModel
+
+    for load, path in ((load_causal_lm, str(tiny_model_dir)), (ScalarModel.load, str(tiny_reward_dir))):
+        with weights_on_meta():
+            model = load(path)
+        assert all(p.is_meta for p in model.parameters())
+        materialize(model, "cpu")
+        expected = load(path)
+        state = model.state_dict()
+        assert state.keys() == expected.state_dict().keys()
+        for key, value in expected.state_dict().items():
+            assert torch.equal(state[key], value), key
+        for (name, buffer), (_, value) in zip(model.named_buffers(), expected.named_buffers()):
+            assert torch.equal(buffer, value), name
+        if load is load_causal_lm:  # the tiny model ties its LM head to the input embedding
+            assert model.lm_head.weight is model.get_input_embeddings().weight

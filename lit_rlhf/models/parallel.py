@@ -100,7 +100,15 @@ def materialize(model: nn.Module, device: Union[str, torch.device]) -> nn.Module
         name: local_tensor(tensor).detach().clone()
         for name, tensor in [*model.named_parameters(), *model.named_buffers()] if not tensor.is_meta
     }
+    tied: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(parameter), []).append(name)
     model.to_empty(device=device)
+    for first, *others in tied.values():  # to_empty gives each module of an unsharded model its own copy: tie again
+        for other in others:
+            owner, _, attribute = other.rpartition(".")
+            if model.get_parameter(other) is not model.get_parameter(first):
+                setattr(model.get_submodule(owner), attribute, model.get_parameter(first))
     tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     with torch.no_grad():
         for name, value in kept.items():
