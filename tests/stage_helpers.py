@@ -167,6 +167,13 @@ def validation_queries(tokenizer_dir: Path, rows: int) -> torch.Tensor:
     return next(iter(data.val_dataloader()))["query_ids"]
 
 
+def until_first_stop(responses: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """``(B, T)`` bool: true up to and including the first stop id of each row of ``responses`` (all true without one),
+    the tokens recipe P3 keeps."""
+    stops = torch.isin(responses, torch.tensor(stop_ids))
+    return (stops.long().cumsum(1) - stops.long()) == 0
+
+
 def direct_kl(
     policy: torch.nn.Module, reference: torch.nn.Module, queries: torch.Tensor, responses: torch.Tensor,
     stop_ids: list[int], pad_token_id: int, temperature: float,
@@ -174,8 +181,7 @@ def direct_kl(
     """The KL of recipe P4 computed independently of ``lit_rlhf.models.forward``: ``(B,)`` sums over each response's
     tokens, up to its first stop id, of policy minus reference logprobs with logits divided by ``temperature``, from
     one plain forward of each model on ``[queries | responses]`` (``(B, Q)`` left-padded, ``(B, T)`` raw samples)."""
-    stops = torch.isin(responses, torch.tensor(stop_ids))
-    real = (stops.long().cumsum(1) - stops.long()) == 0  # up to and including the first stop id
+    real = until_first_stop(responses, stop_ids)
     ids = torch.cat([queries, responses.masked_fill(~real, pad_token_id)], dim=1)
     mask = ids != pad_token_id
     targets = responses.masked_fill(~real, 0).unsqueeze(2)
@@ -188,3 +194,20 @@ def direct_kl(
         return torch.log_softmax(scaled, dim=-1).gather(2, targets).squeeze(2)
 
     return ((logprobs(policy) - logprobs(reference)) * real).sum(1)
+
+
+def record_sampling(monkeypatch: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Wrap the sampling of validation and ``lit-rlhf eval`` (``lit_rlhf.stages.policy_eval.generate``) through
+    ``monkeypatch``: every call's ``(queries, raw responses)`` goes to the returned list, in call order."""
+    import lit_rlhf.stages.policy_eval as policy_eval
+
+    sampled = []
+    real_generate = policy_eval.generate
+
+    def record(model, queries, *args):
+        responses = real_generate(model, queries, *args)
+        sampled.append((queries, responses))
+        return responses
+
+    monkeypatch.setattr(policy_eval, "generate", record)
+    return sampled

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import SFT_DATA
+from stage_helpers import direct_kl, record_sampling, until_first_stop
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_rlhf.cli import main
 from lit_rlhf.data.examples import Lengths, prompt_example
@@ -13,17 +16,39 @@ from lit_rlhf.data.formats import to_record
 from lit_rlhf.data.templates import Renderer
 from lit_rlhf.evaluation.evaluate import evaluate, reward_verdicts
 from lit_rlhf.evaluation.stats import mean_with_interval
+from lit_rlhf.models.forward import sequence_scores
+from lit_rlhf.models.loading import load_tokenizer, stop_token_ids
+from lit_rlhf.models.scalar import ScalarModel
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory, tiny_model_dir, tiny_reward_dir):
+def other_policy_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model with its (tied) embeddings scaled by 30: logits 30 times larger, far from the near-uniform tiny
+    model it is measured against (and, on the 6 prompts, winning 5 of 6 against ``first``: a swapped pair shows)."""
+    directory = tmp_path_factory.mktemp("other-policy")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(30.0)
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_model_dir, tiny_reward_dir, other_policy_dir):
+    """``first`` and ``second`` are the reference policy itself, ``other`` differs; the queries and raw responses of
+    every sampling call are recorded (2 batches per policy, in the order of the policies). No EOS penalty: the random
+    models' responses keep their own reward-model scores."""
     out = tmp_path_factory.mktemp("eval")
-    results = evaluate(
-        policies=[str(tiny_model_dir), str(tiny_model_dir)], names=["first", "second"], reward_model=str(tiny_reward_dir),
-        ref_policy=str(tiny_model_dir), head_to_head=True, data=str(SFT_DATA), samples=6, query_length=128,
-        batch_size=4, temperature=1.0, length_edges=[10, 30], output_dir=str(out), accelerator="cpu",
-    )
-    return results, out
+    with pytest.MonkeyPatch.context() as patch:
+        sampled = record_sampling(patch)
+        results = evaluate(
+            policies=[str(tiny_model_dir), str(tiny_model_dir), str(other_policy_dir)], names=["first", "second", "other"],
+            reward_model=str(tiny_reward_dir), ref_policy=str(tiny_model_dir), head_to_head=True, data=str(SFT_DATA),
+            samples=6, query_length=128, batch_size=4, temperature=1.0, non_eos_penalty=False, length_edges=[10, 30],
+            output_dir=str(out), accelerator="cpu",
+        )
+    return results, out, sampled
 
 
 def read_items(path):
@@ -31,7 +56,7 @@ def read_items(path):
 
 
 def test_items_hold_prompt_responses_scores_and_verdicts(evaluated):
-    results, out = evaluated
+    results, out, _ = evaluated
     items = read_items(out / "items-first.jsonl")
     assert len(items) == 6 == results["samples"]
     for item in items:
@@ -50,7 +75,7 @@ def test_items_hold_prompt_responses_scores_and_verdicts(evaluated):
 
 
 def test_the_same_policy_twice_samples_the_same_responses_and_ties_head_to_head(evaluated):
-    results, out = evaluated
+    results, out, _ = evaluated
     first, second = read_items(out / "items-first.jsonl"), read_items(out / "items-second.jsonl")
     assert [i["response"] for i in first] == [i["response"] for i in second]
     assert results["head_to_head"]["first vs second"]["rm"]["win_rate"]["mean"] == 0.5
@@ -58,10 +83,46 @@ def test_the_same_policy_twice_samples_the_same_responses_and_ties_head_to_head(
     assert [i["reference_score"] for i in first] == [i["reference_score"] for i in second]
 
 
+def test_a_different_policy_has_the_kl_scores_and_win_rates_of_a_direct_recomputation(
+    evaluated, tiny_model_dir, tiny_reward_dir, other_policy_dir
+):
+    """``other``'s KL to the reference, its scores and its win rates against the references and head to head against
+    ``first``, from its recorded samples: a plain forward of each model, every (query, response) row scored whole."""
+    results, out, sampled = evaluated
+    assert len(sampled) == 6  # 3 policies x 2 batches (4 + 2 prompts)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    pad, stops = tokenizer.pad_token_id, stop_token_ids(tokenizer)
+    reward_model = ScalarModel.load(str(tiny_reward_dir))
+    reference, other = (AutoModelForCausalLM.from_pretrained(path) for path in (tiny_model_dir, other_policy_dir))
+
+    def scores(calls):
+        queries, responses = (torch.cat(parts) for parts in zip(*calls))
+        kept = responses.masked_fill(~until_first_stop(responses, stops), pad)
+        with torch.no_grad():
+            return queries, responses, sequence_scores(reward_model, torch.cat([queries, kept], dim=1), pad).tolist()
+
+    queries, responses, other_scores = scores(sampled[4:])
+    _, _, first_scores = scores(sampled[:2])
+    items = read_items(out / "items-other.jsonl")
+    kl = direct_kl(other, reference, queries, responses, stops, pad, 1.0).tolist()
+    assert min(abs(value) for value in kl) > 0.1  # far from its reference, unlike first and second
+    assert [item["kl"] for item in items] == pytest.approx(kl, rel=1e-4, abs=1e-4)
+    assert results["policies"]["other"]["mean_kl"] == pytest.approx(sum(kl) / 6, rel=1e-4, abs=1e-4)
+    assert [item["score"] for item in items] == pytest.approx(other_scores, abs=1e-4)
+
+    def outcome(a, b):
+        return 1.0 if a > b else 0.0 if a < b else 0.5
+
+    against_references = [outcome(score, item["reference_score"]) for score, item in zip(other_scores, items)]
+    assert results["policies"]["other"]["judges"]["rm"]["win_rate"]["mean"] == pytest.approx(sum(against_references) / 6)
+    head_to_head = [outcome(a, b) for a, b in zip(first_scores, other_scores)]
+    assert results["head_to_head"]["first vs other"]["rm"]["win_rate"]["mean"] == pytest.approx(sum(head_to_head) / 6)
+
+
 def test_outputs_markdown_results_and_tensorboard(evaluated):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    results, out = evaluated
+    results, out, _ = evaluated
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     table = (out / "summary.md").read_text()
     assert "| first | rm |" in table and "| first vs second | rm | 0.500 |" in table

@@ -27,13 +27,13 @@ from stage_helpers import (
     last_checkpoint,
     last_record,
     load_checkpoint,
+    record_sampling,
     results,
     stage_config,
     validation_queries,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import lit_rlhf.stages.policy_eval as policy_eval
 import lit_rlhf.stages.ppo as ppo_stage
 from lit_rlhf.algorithms import INVALID_LOGPROB
 from lit_rlhf.cli import main
@@ -290,15 +290,7 @@ def test_ppo_validate_kl_of_a_trained_policy_is_the_sum_of_logprob_differences(
     """A policy that differs from its reference (the SFT export against the random init it was trained from) runs
     both models: ``eval/kl`` is the mean over prompts of the summed, temperature-scaled logprob differences of the
     sampled responses (P4), recomputed here by a plain forward of each model."""
-    sampled = []
-    real_generate = policy_eval.generate
-
-    def record(model, queries, *args):
-        responses = real_generate(model, queries, *args)
-        sampled.append((queries, responses))
-        return responses
-
-    monkeypatch.setattr(policy_eval, "generate", record)
+    sampled = record_sampling(monkeypatch)
     model = {"policy": str(sft_run / "model"), "ref_policy": str(tiny_model_dir), "reward_model": str(tiny_reward_dir)}
     main(["ppo", "validate", "--config", str(stage_config("ppo", tmp_path, model=model))])
     metrics = last_record(tmp_path / "ppo", "validate")["metrics"]

@@ -48,8 +48,10 @@ class PolicySampler(L.LightningModule):
         response_length, temperature, seed: sampling (temperature 0.01 is N+'s evaluation setting).
         truncate_after_eos, non_eos_penalty, penalty_reward_value, missing_eos_penalty: recipe P3 or TRL's
             subtracted penalty, as in validation.
-        score_references: also score the batch's reference answers (``reference_score``); the same for every policy,
-            so :func:`evaluate` asks only the first one.
+        score_references: also score the batch's reference answers (``reference_score``). The responses are then scored
+            in the same forward as the references (:func:`~lit_rlhf.stages.policy_eval.shared_query_scores`), which
+            rounds differently from scoring them alone: :func:`evaluate` asks it of every policy, so that two policies'
+            identical responses get identical scores (a tie head to head).
     """
 
     def __init__(
@@ -247,11 +249,11 @@ def evaluate(
     for name, policy in zip(names, policies):
         sampler = PolicySampler(
             policy, policies[0], reward_model, ref_policy, response_length, temperature, seed, non_eos_penalty=non_eos_penalty,
-            penalty_reward_value=penalty_reward_value, missing_eos_penalty=missing_eos_penalty, score_references=name == names[0],
-        )
+            penalty_reward_value=penalty_reward_value, missing_eos_penalty=missing_eos_penalty, score_references=True,
+        )  # every policy's responses scored alike; the references' scores are then taken from the first one
         trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False, enable_checkpointing=False)
         rows = [row for batch in trainer.predict(sampler, dataloaders=datamodule.val_dataloader()) for row in batch]
-        if name != names[0] and "reference_score" in items[names[0]][0]:  # the same prompts and RM: scored once
+        if name != names[0] and "reference_score" in items[names[0]][0]:  # the same prompts and RM: the first's scores
             for row, first in zip(rows, items[names[0]]):
                 row["reference_score"] = first["reference_score"]
         items[name] = rows
