@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import SFT_DATA
 from stage_helpers import QUERY_LENGTH, SFT_MAX_LENGTH, SFT_RESPONSE_LENGTH, last_checkpoint, last_record, load_checkpoint, stage_config
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import lit_rlhf.stages.policy_eval as policy_eval
 import lit_rlhf.stages.ppo as ppo_stage
@@ -98,6 +99,48 @@ def test_ppo_micro_batch_losses_are_their_own_masked_means(rollout):
     # what training_step backpropagates for micro_batch_size 1, 2 and 4: the mean of the micro-batch losses
     accumulated = {1: singles.mean(), 2: pairs.mean(), 4: whole}
     assert len({round(value.item(), 6) for value in accumulated.values()}) == 3, accumulated
+
+
+def test_ppo_training_step_accumulates_the_gradient_of_the_mean_micro_batch_loss(tiny_model_dir, tiny_reward_dir, tmp_path, monkeypatch):
+    """P8 through the real ``training_step``: 6 episodes in micro-batches of 2 accumulate, before the optimiser step,
+    the gradient of the mean of the 3 micro-batch losses. Every row here has all its tokens (no EOS), so that is the
+    gradient of the loss of the 6 rows at once; a divisor other than the number of micro-batches scales it."""
+    captured = {}
+    real_rollout = PPOModule.rollout
+
+    def rollout(self, queries, rows=None):
+        captured["module"], captured["data"] = self, real_rollout(self, queries, rows)
+        return captured["data"]
+
+    def before_step(optimizer, args, kwargs):
+        if "accumulated" in captured:
+            return
+        module, data = captured["module"], captured["data"]
+        params = [param for group in optimizer.param_groups for param in group["params"] if param.grad is not None]
+        captured["accumulated"] = [param.grad.clone() for param in params]
+        for param in params:
+            param.grad = None
+        with torch.enable_grad():
+            loss, _ = module.ppo_loss(data, torch.arange(6), data["query_responses"].size(1) - data["responses"].size(1))
+            loss.backward()
+        captured["full_batch"] = [param.grad.clone() for param in params]
+        for param, grad in zip(params, captured["accumulated"]):
+            param.grad = grad
+
+    monkeypatch.setattr(PPOModule, "rollout", rollout)
+    model = {"policy": str(tiny_model_dir), "reward_model": str(tiny_reward_dir), "micro_batch_size": 2, "num_ppo_epochs": 1}
+    config = stage_config("ppo", tmp_path, model=model, data={"batch_size": 6, "total_episodes": 6}, trainer={"limit_val_batches": 0})
+    handle = register_optimizer_step_pre_hook(before_step)
+    try:
+        main(["ppo", "fit", "--config", str(config)])
+    finally:
+        handle.remove()
+    data = captured["data"]
+    assert data["responses"].size(0) == 6 and not data["padding_mask"].any() and not data["value_padding_mask"].any()
+    accumulated, full_batch = captured["accumulated"], captured["full_batch"]
+    assert len(accumulated) > 10 and any(grad.abs().max() > 1e-4 for grad in full_batch)
+    for got, expected in zip(accumulated, full_batch):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-8)
 
 
 def test_ppo_validation_samples_at_eval_temperature(tiny_model_dir, tiny_reward_dir, tmp_path, monkeypatch):
