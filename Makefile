@@ -48,7 +48,8 @@ test-fast: venv
 	$(VENV)/bin/pytest -q -m "not slow and not distributed"
 
 # On a CUDA machine: every stage under DeepSpeed ZeRO-2/3 (and frozen offload) and FSDP2 against the plain strategy,
-# then PPO throughput and peak GPU memory of a Pythia-1B-shaped policy per strategy. Skips (tests) without a GPU.
+# in float32 and in the precision of the paper configs (configs/tldr: bf16-mixed, read by tests/test_gpu.py), then PPO
+# throughput and peak GPU memory of a Pythia-1B-shaped policy per strategy (bf16-mixed). Skips (tests) without a GPU.
 gpu-check: venv
 	$(VENV)/bin/pytest -q -m gpu -rs
 	$(PY) benchmarks/ppo_gpu.py
