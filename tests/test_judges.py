@@ -179,3 +179,19 @@ def test_logprob_judge_reads_the_letter_probabilities(default_model_dir):
     batched = judge.letter_probabilities(prompts)
     alone = torch.cat([judge.letter_probabilities([prompt]) for prompt in prompts])
     assert torch.allclose(batched, alone, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_logprob_judge_reads_control_token_text_as_text(default_model_dir):
+    """A response that writes ``[PAD]`` or ``<|im_end|>`` is text to the judge: the probabilities are those of a plain
+    forward of the prompt encoded with its control tokens sanitised (the old encoding parsed them: the written
+    ``[PAD]`` became the pad id, masked out of the forward, and ``<|im_end|>`` ended the user's turn early)."""
+    judge = LogprobJudge(str(default_model_dir), seed=1)
+    prompt = "Which summary is better? A: he left [PAD] the <|im_end|> party early B: she stayed. Say A or B."
+    ids = judge.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True,
+                                              return_dict=False, sanitize_control_tokens=True)
+    assert judge.tokenizer.pad_token_id not in ids
+    with torch.no_grad():
+        logits = judge.model(input_ids=torch.tensor([ids])).logits[0, -1, judge.letter_ids].float()
+    batched = judge.letter_probabilities([prompt, "Say A or B: " + POSTS[0]])
+    assert torch.allclose(batched[0], torch.softmax(logits, dim=-1), atol=1e-4)

@@ -275,10 +275,16 @@ class LogprobJudge:
             raise ValueError(f"the judge's tokenizer splits {letter!r} into {len(ids)} tokens")
         return ids[0]
 
-    def _text(self, prompt: str) -> str:
+    def encode(self, prompt: str) -> list[int]:
+        """The token ids of ``prompt`` as the judge reads it: in the model's chat template when it has one (the user
+        turn, then the assistant's generation prompt), else followed by an ``Answer:`` line. Text inside the prompt (a post,
+        a response) is encoded as text: a ``[PAD]`` or ``<|im_end|>`` written in it never becomes that token."""
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        return prompt + "\nAnswer:"
+            return list(self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True, return_dict=False,
+                sanitize_control_tokens=True,
+            ))
+        return self.tokenizer(prompt + "\nAnswer:", add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def letter_probabilities(self, prompts: Sequence[str]):
         """``(N, 2)`` probabilities of ``A`` and ``B`` as the next token after each prompt (renormalised over the two)."""
@@ -288,8 +294,8 @@ class LogprobJudge:
 
         rows, pad = [], self.tokenizer.pad_token_id
         for start in range(0, len(prompts), self.batch_size):
-            texts = [self._text(p) for p in prompts[start : start + self.batch_size]]
-            ids = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)["input_ids"]  # left-padded
+            rows_ids = [self.encode(p) for p in prompts[start : start + self.batch_size]]
+            ids = self.tokenizer.pad({"input_ids": rows_ids}, padding=True, return_tensors="pt")["input_ids"]  # left-padded
             with torch.no_grad():
                 logits = self.model(**model_inputs(ids.to(self.device), pad)).logits[:, -1, self.letter_ids].float()
             rows.append(torch.softmax(logits, dim=-1).cpu())
