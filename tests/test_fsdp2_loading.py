@@ -1,5 +1,6 @@
 """FSDP2 set-up on two CPU processes (gloo): the PPO models are built on the meta device, sharded, and each process reads
-only its own shards from the checkpoints; the root FSDP unit keeps its parameters from forward to backward.
+only its own shards from the checkpoints; a trained model's root FSDP unit keeps its parameters from forward to
+backward, a frozen model's reshards after its forward.
 
 One spawned pair of processes runs ``PPOModule.configure_model`` under a 2-rank data-parallel mesh, as
 :class:`lit_rlhf.strategies.FSDP2Strategy` makes Lightning call it, and checks what each rank holds.
@@ -85,6 +86,13 @@ def _setup_worker(rank: int, port: int, policy: str, reward: str) -> None:
             module.policy(input_ids=ids).logits.sum().backward()
         blocks = module.policy.config.num_hidden_layers
         assert gathers.count == 2 * blocks + 1, gathers.count
+        # a frozen model has no backward: its root reshards after each forward, also after a generation
+        for frozen in (module.ref_policy, module.reward_model):
+            with gathered_for_generation(frozen):
+                pass
+            with torch.no_grad():
+                frozen(input_ids=ids)
+            assert all(isinstance(p, DTensor) for p in frozen.parameters()), type(frozen).__name__
     finally:
         dist.destroy_process_group()
 

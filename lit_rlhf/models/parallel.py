@@ -64,14 +64,18 @@ def shard_model(model: nn.Module, mesh: Any, mp_policy: Optional[MixedPrecisionP
     kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
     for block in blocks:
         fully_shard(block, **kwargs)
-    # the root stays unsharded between its forward and backward (torch's recommendation: its parameters would be
-    # all-gathered again at once for the backward); it reshards after the backward
-    fully_shard(root, reshard_after_forward=ROOT_RESHARD_AFTER_FORWARD, **kwargs)
+    # a trained model's root stays unsharded between its forward and backward (torch's recommendation: its parameters
+    # would be all-gathered again at once for the backward) and reshards after the backward; a frozen model has no
+    # backward to reshard it, so its root reshards after each forward (else its embeddings and heads stay whole)
+    reshard_root = not any(p.requires_grad for p in model.parameters())
+    fully_shard(root, reshard_after_forward=reshard_root, **kwargs)
+    setattr(root, RESHARD_AFTER_FORWARD, reshard_root)
     return model
 
 
-#: ``reshard_after_forward`` of the root FSDP unit (embeddings, final norm, heads); blocks reshard after forward
-ROOT_RESHARD_AFTER_FORWARD = False
+#: attribute :func:`shard_model` gives the root FSDP unit (embeddings, final norm, heads): its ``reshard_after_forward``
+#: (``False`` for a trained model, ``True`` for a frozen one), restored after a generation; blocks reshard after forward
+RESHARD_AFTER_FORWARD = "lit_rlhf_reshard_after_forward"
 
 
 def materialize(model: nn.Module, device: Union[str, torch.device]) -> nn.Module:
@@ -279,8 +283,8 @@ def gathered_for_generation(model: nn.Module) -> Iterator[None]:
         finally:
             for unit in units:
                 unit.reshard()
-                # the root unit (the outermost, first in module order) keeps shard_model's setting
-                unit.set_reshard_after_forward(unit is not units[0] or ROOT_RESHARD_AFTER_FORWARD, recurse=False)
+                # the root unit keeps shard_model's setting, the blocks reshard after forward
+                unit.set_reshard_after_forward(getattr(unit, RESHARD_AFTER_FORWARD, True), recurse=False)
         return
     if any(hasattr(p, "ds_id") for p in model.parameters()):
         with _zero3_gathered(model):
