@@ -106,6 +106,8 @@ def test_fsdp2_ppo_models_load_on_meta_and_each_rank_reads_its_shards(tiny_model
     mp.spawn(_setup_worker, args=(free_port(), str(tiny_model_dir), str(tiny_reward_dir)), nprocs=2)
 
 
+# no process group here (under FSDP2 there is one): torch's checkpoint reader says it loads in a single process
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized:UserWarning")
 def test_an_unsharded_model_built_on_meta_loads_the_checkpoint_with_its_ties(tiny_model_dir, tiny_reward_dir):
     """A model left unsharded (FSDP2 with ``shard_frozen=False``) is materialised whole: the checkpoint's weights, the
     LM head still the input embedding (``to_empty`` unties them), the buffers ``from_pretrained`` computes."""
