@@ -1,13 +1,60 @@
-"""torchmetrics metrics used by the stages."""
+"""Metrics the stages and the evaluation share: per-item outcomes of pairwise comparisons, their mean with a
+bootstrap interval, and the torchmetrics metrics of the preference stages (reward model, DPO).
+
+Outcomes are per item: ``1.0`` a win (or a correct preference), ``0.0`` a loss, ``0.5`` a tie (N+ counts ties as
+half a win). Intervals are percentile bootstraps over items (``torchmetrics.wrappers.BootStrapper``, multinomial
+resampling), seeded so that a re-run prints the same interval.
+"""
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric
+from torchmetrics.wrappers import BootStrapper
 
-from lit_rlhf.evaluation.stats import mean_with_interval
+from lit_rlhf.sampling import seeded
+
+
+def pairwise_outcomes(scores: torch.Tensor, other_scores: torch.Tensor) -> torch.Tensor:
+    """Per-item outcome of ``scores`` against ``other_scores`` (both ``(N,)``): 1.0 higher, 0.0 lower, 0.5 equal, NaN
+    where either is NaN (an item without a reference answer)."""
+    outcomes = (scores > other_scores).float() + 0.5 * (scores == other_scores).float()
+    return outcomes.masked_fill(scores.isnan() | other_scores.isnan(), float("nan"))
+
+def mean_with_interval(
+    values: Sequence[float] | torch.Tensor, confidence: float = 0.95, num_resamples: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """Mean of per-item ``values`` with a percentile bootstrap interval.
+
+    Args:
+        values: ``(N,)`` per-item outcomes (win 1, tie 0.5, loss 0; or correct 1 / wrong 0).
+        confidence: the interval's coverage (0.95: the 2.5 and 97.5 percentiles of the resampled means).
+        num_resamples: bootstrap resamples of the N items.
+        seed: the resampling seed (the global RNG is left as it was).
+
+    Returns:
+        ``{"mean", "low", "high", "n"}``; with no items the three figures are NaN and ``n`` is 0.
+
+    Raises:
+        ValueError: if ``confidence`` is not in (0, 1).
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    values = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if values.numel() == 0:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    tail = (1.0 - confidence) / 2
+    with seeded(seed):
+        bootstrap = BootStrapper(
+            MeanMetric(), num_bootstraps=num_resamples, quantile=torch.tensor([tail, 1.0 - tail]),
+            sampling_strategy="multinomial",
+        )
+        bootstrap.update(values.float())
+        low, high = bootstrap.compute()["quantile"].tolist()
+    return {"mean": values.mean().item(), "low": low, "high": high, "n": values.numel()}
+
 
 
 class GroupedAccuracy(Metric):
@@ -17,7 +64,7 @@ class GroupedAccuracy(Metric):
 
     ``update(correct, groups)``: ``correct`` ``(B,)`` bool (or floats: 0.5 for a tie), ``groups`` ``(B,)`` long.
     ``compute()``: ``{"all": accuracy, "all_low": ..., "all_high": ... (bootstrap 95% interval of the overall
-    accuracy, :func:`~lit_rlhf.evaluation.stats.mean_with_interval`), group_id: accuracy, ...}`` as 0-d tensors; with
+    accuracy, :func:`mean_with_interval`), group_id: accuracy, ...}`` as 0-d tensors; with
     ``group_intervals`` also ``(group_id, "low")`` and ``(group_id, "high")``.
     """
 

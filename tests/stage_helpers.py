@@ -197,17 +197,17 @@ def direct_kl(
 
 
 def record_sampling(monkeypatch: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Wrap the sampling of validation and ``lit-rlhf eval`` (``lit_rlhf.stages.policy_eval.generate``) through
+    """Wrap the sampling of validation and ``lit-rlhf eval`` (``lit_rlhf.sampling.generate``) through
     ``monkeypatch``: every call's ``(queries, raw responses)`` goes to the returned list, in call order."""
-    import lit_rlhf.stages.policy_eval as policy_eval
+    import lit_rlhf.sampling as sampling
 
     sampled = []
-    real_generate = policy_eval.generate
+    real_generate = sampling.generate
 
     def record(model, queries, *args):
         responses = real_generate(model, queries, *args)
         sampled.append((queries, responses))
         return responses
 
-    monkeypatch.setattr(policy_eval, "generate", record)
+    monkeypatch.setattr(sampling, "generate", record)
     return sampled

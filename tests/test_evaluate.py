@@ -15,7 +15,7 @@ from lit_rlhf.data.examples import Lengths, prompt_example
 from lit_rlhf.data.formats import to_record
 from lit_rlhf.data.templates import Renderer
 from lit_rlhf.evaluation.evaluate import evaluate, reward_verdicts
-from lit_rlhf.evaluation.stats import mean_with_interval
+from lit_rlhf.metrics import mean_with_interval
 from lit_rlhf.models.forward import sequence_scores
 from lit_rlhf.models.loading import load_tokenizer, stop_token_ids
 from lit_rlhf.models.scalar import ScalarModel

@@ -12,11 +12,10 @@ from lit_rlhf.evaluation.stats import (
     by_length,
     calibration,
     length_controlled_win_rate,
-    mean_with_interval,
-    pairwise_outcomes,
     preference_calibration,
-    seeded,
 )
+from lit_rlhf.metrics import mean_with_interval, pairwise_outcomes
+from lit_rlhf.sampling import seeded
 
 
 def test_ties_count_half_and_a_constant_outcome_has_a_point_interval():
@@ -84,7 +83,7 @@ def test_preference_calibration_uses_both_orders():
 
 
 def test_grouped_accuracy_with_the_overall_interval():
-    from lit_rlhf.evaluation.metrics import GroupedAccuracy, preference_accuracy
+    from lit_rlhf.metrics import GroupedAccuracy, preference_accuracy
 
     by_batch, by_confidence = GroupedAccuracy(), GroupedAccuracy()
     correct = torch.tensor([True, False, True, True])

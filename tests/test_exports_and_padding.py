@@ -186,7 +186,7 @@ def test_a_response_ending_on_the_second_eos_id_is_truncated_scored_there_and_no
 
     import lit_rlhf.stages.ppo as ppo_stage
     from lit_rlhf.models.forward import sequence_scores
-    from lit_rlhf.stages.common import decode_responses
+    from lit_rlhf.sampling import decode_responses
     from lit_rlhf.stages.ppo import PPOModule
 
     for path in tiny_model_dir.iterdir():

@@ -9,7 +9,8 @@ import pytest
 from conftest import COMPARISON_DATA
 
 from lit_rlhf.evaluation.reward_eval import evaluate_reward_model
-from lit_rlhf.evaluation.stats import mean_with_interval, preference_calibration
+from lit_rlhf.evaluation.stats import preference_calibration
+from lit_rlhf.metrics import mean_with_interval
 
 
 @pytest.fixture(scope="module")

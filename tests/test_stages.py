@@ -38,7 +38,7 @@ import lit_rlhf.stages.ppo as ppo_stage
 from lit_rlhf.algorithms import INVALID_LOGPROB
 from lit_rlhf.cli import main
 from lit_rlhf.data.datamodules import PreferenceDataModule
-from lit_rlhf.evaluation.stats import mean_with_interval
+from lit_rlhf.metrics import mean_with_interval
 from lit_rlhf.models.forward import model_inputs, sequence_scores
 from lit_rlhf.models.loading import PAD_TOKEN, load_tokenizer, stop_token_ids
 from lit_rlhf.models.scalar import ScalarModel
@@ -472,7 +472,8 @@ def test_identical_models_and_validation_scores_with_the_query_shared(tiny_model
     from lit_rlhf.models.forward import sequence_scores
     from lit_rlhf.models.lora import LoRA, add_lora
     from lit_rlhf.models.scalar import ScalarModel
-    from lit_rlhf.stages.policy_eval import identical_models, sample_and_score
+    from lit_rlhf.sampling import sample_and_score
+    from lit_rlhf.stages.policy_eval import identical_models
 
     policy, reference = (AutoModelForCausalLM.from_pretrained(tiny_model_dir) for _ in range(2))
     assert identical_models(policy, reference) and identical_models(policy, policy)

@@ -10,7 +10,7 @@ from conftest import SFT_DATA
 from stage_helpers import QUERY_LENGTH, SFT_MAX_LENGTH, SFT_RESPONSE_LENGTH, last_checkpoint, last_record, load_checkpoint, stage_config
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import lit_rlhf.stages.policy_eval as policy_eval
+import lit_rlhf.sampling as sampling
 import lit_rlhf.stages.ppo as ppo_stage
 from lit_rlhf.algorithms import KLController, adaptive_kl_coef
 from lit_rlhf.cli import main
@@ -145,13 +145,13 @@ def test_ppo_training_step_accumulates_the_gradient_of_the_mean_micro_batch_loss
 
 def test_ppo_validation_samples_at_eval_temperature(tiny_model_dir, tiny_reward_dir, tmp_path, monkeypatch):
     temperatures = []
-    real_generate = policy_eval.generate
+    real_generate = sampling.generate
 
     def record(model, queries, pad, eos, length, temperature):
         temperatures.append(temperature)
         return real_generate(model, queries, pad, eos, length, temperature)
 
-    monkeypatch.setattr(policy_eval, "generate", record)
+    monkeypatch.setattr(sampling, "generate", record)
     config = stage_config("ppo", tmp_path, model={"policy": str(tiny_model_dir), "reward_model": str(tiny_reward_dir),
                                                   "eval_temperature": 0.3})
     main(["ppo", "validate", "--config", str(config)])

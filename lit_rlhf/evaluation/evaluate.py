@@ -30,11 +30,11 @@ import torch
 
 from lit_rlhf.data.datamodules import PromptDataModule, Source
 from lit_rlhf.evaluation.judges import ChatJudge, LogprobJudge, Verdict
-from lit_rlhf.evaluation.stats import LENGTH_EDGES, by_length, length_controlled_win_rate, mean_with_interval, pairwise_outcomes, seeded
+from lit_rlhf.evaluation.stats import LENGTH_EDGES, by_length, length_controlled_win_rate
+from lit_rlhf.metrics import mean_with_interval, pairwise_outcomes
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer
 from lit_rlhf.models.scalar import ScalarModel
-from lit_rlhf.stages.common import decode_responses
-from lit_rlhf.stages.policy_eval import RANK_SEED_STRIDE, sample_and_score, sample_kl
+from lit_rlhf.sampling import RANK_SEED_STRIDE, decode_responses, sample_and_score, sample_kl, seeded
 
 
 class PolicySampler(L.LightningModule):
@@ -49,7 +49,7 @@ class PolicySampler(L.LightningModule):
         truncate_after_eos, non_eos_penalty, penalty_reward_value, missing_eos_penalty: recipe P3 or TRL's
             subtracted penalty, as in validation.
         score_references: also score the batch's reference answers (``reference_score``). The responses are then scored
-            in the same forward as the references (:func:`~lit_rlhf.stages.policy_eval.shared_query_scores`), which
+            in the same forward as the references (:func:`~lit_rlhf.sampling.shared_query_scores`), which
             rounds differently from scoring them alone: :func:`evaluate` asks it of every policy, so that two policies'
             identical responses get identical scores (a tie head to head).
     """

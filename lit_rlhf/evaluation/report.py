@@ -67,7 +67,7 @@ def learning_lines(name: str, sft: Optional[dict[str, Any]], policy: Optional[di
     """Did the run learn? The paired RM-score gain of ``policy`` over ``sft`` on the same validation prompts (per-prompt
     ``validation_scores``, same sampling seeds) with its bootstrap 95% interval, and the training reward's
     last-quarter minus first-quarter mean (``training_rewards``); nothing without both records."""
-    from lit_rlhf.evaluation.stats import mean_with_interval
+    from lit_rlhf.metrics import mean_with_interval
 
     before, after = (record.get("validation_scores") if record else None for record in (sft, policy))
     if not before or not after or len(before) != len(after):
@@ -180,7 +180,7 @@ def _timings(meta: dict[str, Any]) -> list[str]:
 def _paired_gain(eval_dir: Path, base: str, name: str) -> str:
     """``+mean (low to high)``: the mean per-prompt RM score difference of policy ``name`` over ``base`` on the same
     prompts (``eval``'s ``items-*.jsonl``), with its bootstrap 95% interval; ``n/a`` without both files."""
-    from lit_rlhf.evaluation.stats import mean_with_interval
+    from lit_rlhf.metrics import mean_with_interval
 
     paths = [eval_dir / f"items-{policy}.jsonl" for policy in (base, name)]
     if not all(path.is_file() for path in paths):

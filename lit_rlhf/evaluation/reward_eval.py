@@ -22,11 +22,12 @@ import torch
 
 from lit_rlhf.data.datamodules import PreferenceDataModule, Source
 from lit_rlhf.evaluation.judges import ChatJudge, LogprobJudge
-from lit_rlhf.evaluation.stats import mean_with_interval, preference_calibration
+from lit_rlhf.evaluation.stats import preference_calibration
+from lit_rlhf.metrics import mean_with_interval
 from lit_rlhf.models.forward import sequence_scores
 from lit_rlhf.models.loading import load_tokenizer
 from lit_rlhf.models.scalar import ScalarModel
-from lit_rlhf.stages.common import decode_responses
+from lit_rlhf.sampling import decode_responses
 
 
 class PairScorer(L.LightningModule):

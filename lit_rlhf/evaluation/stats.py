@@ -7,75 +7,15 @@ resampling), seeded so that a re-run prints the same interval.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional, Sequence
+from typing import Sequence
 
 import torch
-from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryCalibrationError
-from torchmetrics.wrappers import BootStrapper
+
+from lit_rlhf.metrics import mean_with_interval
 
 #: response-length bucket edges in tokens for the length-controlled win rate (N+ reports win rate against length)
 LENGTH_EDGES = (20, 30, 40, 50)
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: Optional[torch.device] = None) -> Iterator[None]:
-    """Draw from the CPU generator (and, for a CUDA ``device``, that device's generator) seeded with ``seed``, then put
-    both back as they were: a validation batch samples the same way in every run, and the training rollouts after it
-    continue their own streams.
-
-    ``torch.manual_seed`` inside ``torch.random.fork_rng(devices=[])`` would reseed every CUDA generator while saving
-    none of them, so every rollout after a validation on a GPU would restart from the same CUDA state (issue 27); here
-    the one device in use is forked and seeded, and no other device gets a CUDA context.
-    """
-    cuda = device is not None and torch.device(device).type == "cuda"
-    index = (torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()) if cuda else None
-    with torch.random.fork_rng(devices=[index] if cuda else []):
-        torch.random.default_generator.manual_seed(seed)
-        if cuda:
-            torch.cuda.default_generators[index].manual_seed(seed)
-        yield
-
-
-def pairwise_outcomes(scores: torch.Tensor, other_scores: torch.Tensor) -> torch.Tensor:
-    """Per-item outcome of ``scores`` against ``other_scores`` (both ``(N,)``): 1.0 higher, 0.0 lower, 0.5 equal, NaN
-    where either is NaN (an item without a reference answer)."""
-    outcomes = (scores > other_scores).float() + 0.5 * (scores == other_scores).float()
-    return outcomes.masked_fill(scores.isnan() | other_scores.isnan(), float("nan"))
-
-
-def mean_with_interval(
-    values: Sequence[float] | torch.Tensor, confidence: float = 0.95, num_resamples: int = 1000, seed: int = 0
-) -> dict[str, float]:
-    """Mean of per-item ``values`` with a percentile bootstrap interval.
-
-    Args:
-        values: ``(N,)`` per-item outcomes (win 1, tie 0.5, loss 0; or correct 1 / wrong 0).
-        confidence: the interval's coverage (0.95: the 2.5 and 97.5 percentiles of the resampled means).
-        num_resamples: bootstrap resamples of the N items.
-        seed: the resampling seed (the global RNG is left as it was).
-
-    Returns:
-        ``{"mean", "low", "high", "n"}``; with no items the three figures are NaN and ``n`` is 0.
-
-    Raises:
-        ValueError: if ``confidence`` is not in (0, 1).
-    """
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    values = torch.as_tensor(values, dtype=torch.float64).flatten()
-    if values.numel() == 0:
-        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
-    tail = (1.0 - confidence) / 2
-    with seeded(seed):
-        bootstrap = BootStrapper(
-            MeanMetric(), num_bootstraps=num_resamples, quantile=torch.tensor([tail, 1.0 - tail]),
-            sampling_strategy="multinomial",
-        )
-        bootstrap.update(values.float())
-        low, high = bootstrap.compute()["quantile"].tolist()
-    return {"mean": values.mean().item(), "low": low, "high": high, "n": values.numel()}
 
 
 def by_length(
@@ -87,7 +27,7 @@ def by_length(
         outcomes: ``(N,)`` per-item outcomes.
         lengths: ``(N,)`` response lengths in tokens.
         edges: increasing bucket edges: buckets ``[0, e0)``, ``[e0, e1)``, ..., ``[e_last, inf)``.
-        kwargs: passed to :func:`mean_with_interval`.
+        kwargs: passed to :func:`~lit_rlhf.metrics.mean_with_interval`.
 
     Returns:
         one ``{"bucket": "lo-hi", "low_tokens", "high_tokens", "mean", "low", "high", "n"}`` per non-empty bucket.
@@ -190,7 +130,7 @@ def length_controlled_win_rate(
     Args:
         outcomes: ``(N,)`` 1 a win of a, 0 a loss, 0.5 a tie.
         length_differences: ``(N,)`` length of a's response minus b's (AlpacaEval: characters).
-        confidence, num_resamples, seed: as :func:`mean_with_interval`.
+        confidence, num_resamples, seed: as :func:`~lit_rlhf.metrics.mean_with_interval`.
         ridge: the L2 penalty on ``theta`` and ``phi`` (in units of the log-likelihood's sum).
 
     Returns:

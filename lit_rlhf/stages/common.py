@@ -16,9 +16,8 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 
-from lit_rlhf.algorithms import truncate_after_eos
 from lit_rlhf.host_memory import reuse_freed_memory, trains_on_one_cpu
-from lit_rlhf.models.loading import export_tokenizer, load_causal_lm, stop_token_ids, weights_on_meta
+from lit_rlhf.models.loading import export_tokenizer, load_causal_lm, weights_on_meta
 from lit_rlhf.models.lora import AdaptersDisabled, LoRA, add_lora, is_peft, save_lora_model
 from lit_rlhf.models.parallel import (
     deepspeed_engine,
@@ -89,21 +88,9 @@ def adamw_with_schedule(
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def decode_responses(tokenizer: Any, responses: torch.Tensor) -> list[str]:
-    """Text of each response up to and excluding its first stop token (EOS, end of turn) (``(B, T)`` ids -> B strings)."""
-    truncated = truncate_after_eos(responses, stop_token_ids(tokenizer), tokenizer.pad_token_id)
-    return [text.strip() for text in tokenizer.batch_decode(truncated, skip_special_tokens=True)]
-
-
-def decode_query(tokenizer: Any, query_ids: torch.Tensor, max_chars: int = 300) -> str:
-    """Readable tail of a left-padded query for sample tables (the post's end and ``TL;DR:``)."""
-    text = tokenizer.decode(query_ids, skip_special_tokens=True)
-    return text if len(text) <= max_chars else "…" + text[-max_chars:]
-
-
 def group_names(module: L.LightningModule) -> dict[str, list[str]]:
     """``batch_names`` and ``source_names`` of the module's DataModule (empty without one), for
-    :func:`~lit_rlhf.evaluation.metrics.preference_accuracy`."""
+    :func:`~lit_rlhf.metrics.preference_accuracy`."""
     datamodule = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
     return {key: getattr(datamodule, key, []) for key in ("batch_names", "source_names")}
 

@@ -10,7 +10,7 @@ from torchmetrics import MeanMetric
 
 from lit_rlhf.algorithms import dpo_loss
 from lit_rlhf.arguments import check_arguments
-from lit_rlhf.evaluation.metrics import GroupedAccuracy, preference_accuracy
+from lit_rlhf.metrics import GroupedAccuracy, preference_accuracy
 from lit_rlhf.models.forward import response_logprob_sums
 from lit_rlhf.models.loading import load_tokenizer
 from lit_rlhf.models.lora import LoRA

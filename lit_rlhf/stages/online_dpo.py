@@ -28,18 +28,17 @@ from lit_rlhf.models.lora import LoRA
 from lit_rlhf.models.parallel import accumulation_boundary, copy_weights
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.models.trunk import FrozenTrunk
+from lit_rlhf.sampling import RANK_SEED_STRIDE, decode_query, decode_responses, sample_and_score
 from lit_rlhf.stages.common import (
     SCHEDULES,
     StageModule,
-    decode_query,
-    decode_responses,
     frozen,
     load_policy_and_reference,
     lora_hparam,
     lora_settings,
     lr_factor,
 )
-from lit_rlhf.stages.policy_eval import RANK_SEED_STRIDE, PolicyValidation, sample_and_score
+from lit_rlhf.stages.policy_eval import PolicyValidation
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +234,7 @@ class OnlineDPOModule(PolicyValidation, StageModule):
     @torch.no_grad()
     def sample(self, queries: torch.Tensor) -> dict[str, torch.Tensor]:
         """Steps 1-2: K scored responses per prompt, rows ``p * K + k``; each value ``(P*K, ...)`` as in
-        :func:`~lit_rlhf.stages.policy_eval.sample_and_score`, plus ``temperature`` ``(P*K,)``. Each temperature's rows
+        :func:`~lit_rlhf.sampling.sample_and_score`, plus ``temperature`` ``(P*K,)``. Each temperature's rows
         are sampled together, in chunks of ``rollout_batch_size``."""
         hp = self.hparams
         temperatures = torch.tensor(self.sample_temperatures(), device=queries.device).repeat(queries.size(0))  # (P*K,)

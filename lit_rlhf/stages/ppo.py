@@ -53,16 +53,16 @@ from lit_rlhf.models.parallel import accumulation_boundary, deepspeed_engine
 from lit_rlhf.models.scalar import ScalarModel
 from lit_rlhf.models.trunk import FrozenTrunk
 from lit_rlhf.rewards import call_reward_function, import_reward_function
+from lit_rlhf.sampling import RANK_SEED_STRIDE, decode_responses
 from lit_rlhf.stages.common import (
     StageModule,
-    decode_responses,
     freeze_bottom_layers,
     frozen,
     load_policy_and_reference,
     lora_hparam,
     lora_settings,
 )
-from lit_rlhf.stages.policy_eval import RANK_SEED_STRIDE, PolicyValidation
+from lit_rlhf.stages.policy_eval import PolicyValidation
 
 #: ``whitening_scope`` values: each process's own batch (N+) or the global batch.
 WHITENING_SCOPES = ("rank", "global")

@@ -11,7 +11,7 @@ from torchmetrics import MeanMetric
 
 from lit_rlhf.algorithms import pairwise_reward_loss
 from lit_rlhf.arguments import check_arguments
-from lit_rlhf.evaluation.metrics import GroupedAccuracy, preference_accuracy
+from lit_rlhf.metrics import GroupedAccuracy, preference_accuracy
 from lit_rlhf.models.forward import sequence_scores, shared_prefix_scores
 from lit_rlhf.models.loading import load_tokenizer
 from lit_rlhf.models.lora import LoRA, add_lora

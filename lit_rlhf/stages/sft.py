@@ -12,7 +12,8 @@ from lit_rlhf.arguments import check_arguments
 from lit_rlhf.models.forward import generate, model_inputs
 from lit_rlhf.models.loading import load_causal_lm, load_tokenizer, stop_token_ids
 from lit_rlhf.models.lora import LoRA, add_lora
-from lit_rlhf.stages.common import StageModule, decode_query, decode_responses, freeze_bottom_layers, lora_hparam, lora_settings
+from lit_rlhf.sampling import decode_query, decode_responses
+from lit_rlhf.stages.common import StageModule, freeze_bottom_layers, lora_hparam, lora_settings
 
 
 class SFTModule(StageModule):
