@@ -4,10 +4,12 @@ TensorBoard, validation results on disk, resource usage (peak memory, throughput
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import warnings
@@ -356,3 +358,113 @@ class ResourceUsage(L.Callback):
         directory = self.dirpath or Path(trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / f"resources-rank{trainer.global_rank}.json").write_text(json.dumps(usage, indent=1) + "\n")
+
+
+def _duration(seconds: float) -> str:
+    """``H:MM:SS`` (or ``M:SS`` under an hour) of a non-negative number of seconds."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def progress_line(what: str, unit: str, done: int, total: Optional[int], elapsed: float, counted: Optional[int] = None) -> str:
+    """One progress line, e.g. ``[rm fit] step 120/308 (39%) | 5.3 s/step | elapsed 10:36 | left ~16:36``.
+
+    Args:
+        what: the run, e.g. ``"rm fit"``.
+        unit: what is counted (``"step"``, ``"update"``, ``"validation batch"``).
+        done: units done in the run, those of a resumed run's earlier processes included.
+        total: units of the whole run, or ``None`` when unknown (then no percentage and no time left).
+        elapsed: seconds since this process started counting.
+        counted: units done in those ``elapsed`` seconds (default ``done``): the rate is ``counted / elapsed`` and the
+            time left ``(total - done)`` units at that rate.
+    """
+    counted = done if counted is None else counted
+    head = f"[{what}] {unit} {done}/{total} ({100 * done / total:.0f}%)" if total else f"[{what}] {unit} {done}"
+    if counted <= 0 or elapsed <= 0:
+        rate, left = "-", None
+    else:
+        per_second = counted / elapsed
+        rate = f"{per_second:.2f} {unit}/s" if per_second >= 1 else f"{elapsed / counted:.1f} s/{unit}"
+        left = max(total - done, 0) / per_second if total else None
+    parts = [head, rate, f"elapsed {_duration(elapsed)}"] + ([f"left ~{_duration(left)}"] if left is not None else [])
+    return " | ".join(parts)
+
+
+class ProgressLines(L.Callback):
+    """Progress as plain lines, every ``interval`` seconds, where standard output is not a terminal (a pipeline's
+    log, ``make quickstart > log``, a batch job): Lightning's progress bar redraws one line in place, which a log
+    file or pipe does not show until the step ends. On a terminal it prints nothing and the bar is left as it is.
+
+    A line (printed by rank 0, at the end of the first training or validation batch ``interval`` seconds after the
+    previous line) gives the stage and command, the training steps (optimiser steps; PPO and the critic-free
+    methods: updates, one rollout batch each) or validation batches done of the run's total, the rate, the time
+    since this process began training and the time left at that rate (:func:`progress_line`)::
+
+        [rm fit] step 120/308 (39%) | 5.3 s/step | elapsed 10:36 | left ~16:36
+
+    The ``lit-rlhf`` stages add one with the default interval unless the config lists one (``trainer.callbacks``:
+    ``- class_path: lit_rlhf.callbacks.ProgressLines`` with ``init_args: {interval: 60}``).
+
+    Args:
+        interval: seconds between lines (``0``: after every batch).
+    """
+
+    def __init__(self, interval: float = 30.0) -> None:
+        if interval < 0:
+            raise ValueError(f"interval must be >= 0 seconds, got {interval}")
+        self.interval = interval
+        self._last = self._start = self._validation_start = 0.0
+        self._first_done = self._validation_done = 0
+
+    def _emit(self, trainer: L.Trainer, pl_module: L.LightningModule, unit: str, done: int, total: Optional[int],
+              since: float, counted: int) -> None:
+        """Print a line (rank 0, not on a terminal, ``interval`` seconds after the last): ``counted`` of the ``done``
+        units were done since ``since`` (``time.monotonic``)."""
+        now = time.monotonic()
+        if not trainer.is_global_zero or now - self._last < self.interval or sys.stdout.isatty():
+            return
+        self._last = now
+        what = f"{getattr(pl_module, 'stage_name', type(pl_module).__name__)} {trainer.state.fn.value if trainer.state.fn else ''}".strip()
+        print(progress_line(what, unit, done, total, now - since, counted), flush=True)
+
+    @staticmethod
+    def training_total(trainer: L.Trainer, pl_module: L.LightningModule) -> Optional[int]:
+        """Training batches of the run (``max_epochs`` epochs, or fewer where ``max_steps`` optimiser steps end it
+        first; a stage with ``optimizer_steps_per_update`` takes that many steps per batch), ``None`` when neither
+        bounds it (an iterable dataset without ``max_steps``)."""
+        limits = []
+        per_epoch = trainer.num_training_batches
+        if math.isfinite(per_epoch) and trainer.max_epochs is not None and trainer.max_epochs >= 0:
+            limits.append(int(per_epoch) * trainer.max_epochs)
+        if trainer.max_steps is not None and trainer.max_steps >= 0:
+            steps_per_batch = getattr(pl_module, "optimizer_steps_per_update", None) or (
+                1 / trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1)
+            limits.append(math.ceil(trainer.max_steps / steps_per_batch))
+        return min(limits) if limits else None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = self._last = time.monotonic()
+        self._first_done = trainer.fit_loop.epoch_loop.total_batch_idx + 1  # batches of a resumed run's earlier processes
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        unit = "update" if hasattr(pl_module, "optimizer_steps_per_update") else "step"
+        done = trainer.fit_loop.epoch_loop.total_batch_idx + 1
+        self._emit(trainer, pl_module, unit, done, self.training_total(trainer, pl_module), self._start, done - self._first_done)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._validation_start, self._validation_done = time.monotonic(), 0
+        if trainer.state.fn != "fit":  # ``validate``, ``test``: the first line ``interval`` seconds from here
+            self._last = self._validation_start
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if trainer.sanity_checking:
+            return
+        self._validation_done += 1
+        total = sum(trainer.num_val_batches) if all(math.isfinite(n) for n in trainer.num_val_batches) else None
+        self._emit(trainer, pl_module, "validation batch", self._validation_done, int(total) if total else None,
+                   self._validation_start, self._validation_done)

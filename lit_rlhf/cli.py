@@ -23,7 +23,7 @@ from typing import Optional
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_rlhf.callbacks import StageCheckpoint
+from lit_rlhf.callbacks import ProgressLines, StageCheckpoint
 from lit_rlhf.data.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from lit_rlhf.stages.dpo import DPOModule
 from lit_rlhf.stages.online_dpo import OnlineDPOModule
@@ -64,6 +64,14 @@ def _stage_cli(tokenizer_source: str, defaults: Optional[dict] = None) -> type[L
             parser.link_arguments(tokenizer_source, "data.tokenizer")
             if defaults:  # a preset subcommand (rloo, grpo, ...): its defaults, under any config or flag
                 parser.set_defaults({f"model.{key}": value for key, value in defaults.items()})
+
+        def instantiate_trainer(self, **kwargs):  # noqa: ANN003, ANN202
+            """The trainer, with a :class:`~lit_rlhf.callbacks.ProgressLines` (progress lines where the output is not a
+            terminal) unless the config lists one."""
+            trainer = super().instantiate_trainer(**kwargs)
+            if not any(isinstance(callback, ProgressLines) for callback in trainer.callbacks):
+                trainer.callbacks.insert(0, ProgressLines())
+            return trainer
 
         def before_fit(self) -> None:
             self.model.check_datamodule(self.datamodule)  # before any model or data is loaded
