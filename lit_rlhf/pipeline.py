@@ -26,32 +26,105 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
 from lit_rlhf.evaluation.report import chat_summary, summary
 
+#: the CPU flags (``/proc/cpuinfo``) of native bf16 matrix products
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def native_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> Optional[list[str]]:
+    """The :data:`BF16_FLAGS` the CPU has (``/proc/cpuinfo``), ``None`` where that file cannot be read (not Linux)."""
+    try:
+        flags = set(Path(cpuinfo).read_text().split())
+    except OSError:
+        return None
+    return [flag for flag in BF16_FLAGS if flag in flags]
+
 
 def cpu_precision() -> str:
-    """``"bf16-mixed"`` where the CPU has native bf16 (AVX512_BF16 or AMX), else ``"32-true"``.
+    """``"bf16-mixed"`` where the CPU has native bf16 (AVX512_BF16 or AMX, :func:`native_bf16_flags`), else ``"32-true"``.
 
     Without native support PyTorch emulates bf16 matrix products: measured here 45 GFLOP/s in bf16 against
     201 GFLOP/s in fp32 on an AVX-512 Xeon without AVX512_BF16, so fp32 is the fast choice there.
     """
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "32-true"
-    return "bf16-mixed" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "32-true"
+    return "bf16-mixed" if native_bf16_flags() else "32-true"
+
+
+#: (pipeline, precision) -> (minutes a run took or should take on a 2-core CPU, how the figure was obtained); pipelines
+#: (:func:`pipeline_name`): ``quickstart`` (``make quickstart``), ``PPO quickstart`` (``--policy_gradient ppo``),
+#: ``quickstart's DPO steps`` (``make quickstart-dpo`` after the main job), ``chat quickstart`` (``make quickstart-chat``).
+#: Sources: docs/benchmarks/quickstart.md, docs/benchmarks/dpo-ppo-max.md, docs/chat.md.
+RUN_MINUTES = {
+    ("quickstart", "bf16-mixed"): (12.6, "measured: 12 min 33 s, `time make quickstart` from a fresh clone, 2026-12-07"),
+    ("quickstart", "32-true"): (32.0, "estimated: the PPO quickstart took 67 min 21 s in fp32 (issue 28), and this one "
+                                      "takes 48% of PPO's time in bf16 (12 min 33 s against 26 min 16 s)"),
+    ("PPO quickstart", "bf16-mixed"): (26.3, "measured: 26 min 16 s, `time make quickstart` with PPO, 2026-12-06"),
+    ("PPO quickstart", "32-true"): (67.4, "measured: 67 min 21 s, a user's `time make quickstart` with PPO (issue 28)"),
+    ("quickstart's DPO steps", "bf16-mixed"): (8.0, "measured: its steps 138 + 91 + 238 s"),
+    ("chat quickstart", "bf16-mixed"): (30.2, "measured: 30 min 13 s, `time make quickstart-chat` from a fresh clone"),
+}
+
+
+def pipeline_name(args: argparse.Namespace) -> str:
+    """The :data:`RUN_MINUTES` name of the run ``args`` asks for (``--only`` a part, another config directory or
+    policy gradient: a name with no figure)."""
+    if args.only:
+        return "partial run"
+    if args.config_dir.name == "quickstart_chat":
+        return "chat quickstart"
+    if args.config_dir.name != "quickstart":
+        return str(args.config_dir)
+    if args.dpo:
+        return "quickstart's DPO steps"
+    return {POLICY_GRADIENT: "quickstart", "ppo": "PPO quickstart"}.get(args.policy_gradient, f"{args.policy_gradient} quickstart")
+
+
+def host_cores() -> int:
+    """CPU cores this process may run on (``sched_getaffinity``; ``os.cpu_count`` where that is missing)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def precision_message(precision: str, requested: str, pipeline: str) -> str:
+    """What the pipeline prints at its start: the precision and why; on a second line roughly how long the run takes
+    on a host like this one (:data:`RUN_MINUTES`, measured or estimated on 2 cores; nothing where no figure is recorded). The figure
+    is not scaled by this host's core count: the steps do not speed up in proportion to cores.
+
+    Args:
+        precision: the Lightning precision the steps run in.
+        requested: ``--precision`` (``"auto"``: chosen by :func:`cpu_precision`).
+        pipeline: a :data:`RUN_MINUTES` pipeline name, or another (no estimate).
+    """
+    if requested != "auto":
+        why = "--precision"
+    else:
+        flags = native_bf16_flags()
+        if flags is None:
+            why = "/proc/cpuinfo unreadable, so native bf16 is unknown"
+        elif flags:
+            why = f"this CPU has native bf16: {', '.join(flags)}"
+        else:
+            why = (f"this CPU has no native bf16 ({' or '.join(BF16_FLAGS)}); PyTorch would emulate bf16, about 4x "
+                   "slower than fp32")
+    message = f"precision: {precision} ({why})"
+    if (pipeline, precision) in RUN_MINUTES:
+        minutes, source = RUN_MINUTES[(pipeline, precision)]
+        message += (f"\ntime: the {pipeline} takes about {minutes:.0f} min on 2 such cores, a rough estimate ({source}); "
+                    f"this host has {host_cores()} cores")
+    return message
 
 
 #: the quickstart's policy-gradient stage (``--policy_gradient``; ``configs/quickstart/{name}.yaml``): REINFORCE++, the
-#: one that gained most over SFT on held-out training prompts at the quickstart's budget (docs/policy-gradients.md)
+#: one that gained most over SFT on held-out training prompts at the quickstart's budget (docs/stages/policy-gradients.md)
 POLICY_GRADIENT = "reinforce_pp"
 POLICY_GRADIENTS = ("ppo", "rloo", "grpo", "dr_grpo", "reinforce_pp")
 
@@ -127,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     precision = cpu_precision() if args.precision == "auto" else args.precision
+    print(precision_message(precision, args.precision, pipeline_name(args)), flush=True)
     timings_path = run_dir / "timings.json"
     keep_timings = (args.dpo or args.only) and timings_path.is_file()
     timings: dict[str, float] = json.loads(timings_path.read_text())["stages"] if keep_timings else {}
@@ -177,6 +251,7 @@ def _run_listed(args: argparse.Namespace) -> None:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     precision = cpu_precision() if args.precision == "auto" else args.precision
+    print(precision_message(precision, args.precision, pipeline_name(args)), flush=True)
     timings_path = run_dir / "timings.json"
     timings: dict[str, float] = json.loads(timings_path.read_text())["stages"] if args.only and timings_path.is_file() else {}
     commands = {
