@@ -85,7 +85,7 @@ class StageCheckpoint(ModelCheckpoint):
         every_n_updates: checkpoint every N training batches of a stage with ``optimizer_steps_per_update``
             (PPO: N updates). Exclusive with ``every_n_train_steps``.
         handle_signals: catch the preemption signals as above.
-        (others): as ``ModelCheckpoint``; ``save_last`` defaults to ``True`` and ``save_top_k`` to 0.
+        **kwargs: as ``ModelCheckpoint``; ``save_last`` defaults to ``True`` and ``save_top_k`` to 0.
     """
 
     #: the signal that stopped the last run in this process (``None`` when none did), read by the CLI

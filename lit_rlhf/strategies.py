@@ -36,7 +36,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     Args:
         shard_frozen: shard the frozen reference policy / reward model too (``False``: replicate them).
         save_distributed_checkpoint: one shard per process (default) or a single full checkpoint file.
-        (others): as ``ModelParallelStrategy``.
+        **kwargs: as ``ModelParallelStrategy``.
     """
 
     strategy_name = "lit_rlhf_fsdp2"
@@ -88,7 +88,7 @@ class DeepSpeedFrozenOffload(DeepSpeedStrategy):
 
     Args:
         offload_frozen: ``False`` is plain ``DeepSpeedStrategy``.
-        (others): as ``DeepSpeedStrategy``.
+        **kwargs: as ``DeepSpeedStrategy``.
 
     Raises:
         ValueError: with ``stage=3`` for the trained models (their ``deepspeed.zero.Init`` would partition the frozen
