@@ -13,7 +13,8 @@ Without one, the TL;DR quickstart's steps below run.
 4. ``reinforce-pp validate`` (the SFT policy), 5. ``reinforce-pp fit`` (REINFORCE++, ends with validation of its policy;
    ``--policy_gradient ppo`` runs PPO instead, or ``rloo``, ``grpo``, ``dr_grpo``),
 
-timing each, then prints :func:`lit_rlhf.evaluation.report.summary`. The run directory is read from the SFT
+timing each, then prints :func:`lit_rlhf.evaluation.report.summary`. It first prints the precision it picked and why,
+and roughly how long the run takes on such a host (:func:`precision_message`). The run directory is read from the SFT
 config's ``trainer.default_root_dir`` parent (``runs/quickstart``) and emptied first.
 
 ``--dpo`` runs, on top of a finished main job (its SFT and RM exports), 1. ``dpo fit`` (offline DPO, ends with
