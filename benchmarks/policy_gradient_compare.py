@@ -35,8 +35,8 @@ import yaml  # noqa: E402
 from ppo_lr_sweep import PerPromptScores, prompt_data  # noqa: E402  (sets the offline environment before lit_rlhf loads)
 
 from lit_rlhf.evaluation.report import quarter_means  # noqa: E402
-from lit_rlhf.evaluation.stats import mean_with_interval  # noqa: E402
 from lit_rlhf.host_memory import reuse_freed_memory  # noqa: E402
+from lit_rlhf.metrics import mean_with_interval  # noqa: E402
 from lit_rlhf.stages.ppo import PRESETS, PPOModule  # noqa: E402
 
 

@@ -33,8 +33,8 @@ import yaml  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from lit_rlhf.data.datamodules import PromptDataModule  # noqa: E402
-from lit_rlhf.evaluation.stats import mean_with_interval  # noqa: E402
 from lit_rlhf.host_memory import reuse_freed_memory  # noqa: E402
+from lit_rlhf.metrics import mean_with_interval  # noqa: E402
 from lit_rlhf.stages.ppo import PPOModule  # noqa: E402
 
 

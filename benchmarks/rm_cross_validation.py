@@ -38,8 +38,8 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from lit_rlhf.data.datamodules import PreferenceDataModule  # noqa: E402
-from lit_rlhf.evaluation.stats import mean_with_interval  # noqa: E402
 from lit_rlhf.host_memory import reuse_freed_memory  # noqa: E402
+from lit_rlhf.metrics import mean_with_interval  # noqa: E402
 from lit_rlhf.stages.reward import RewardModule  # noqa: E402
 
 
