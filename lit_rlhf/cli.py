@@ -10,6 +10,9 @@ Every knob is a typed ``__init__`` argument of the stage's LightningModule or Da
 and its checkpoint callbacks' directories, whichever run wrote it; with none there it stops with an error saying
 where it looked. A run stopped by a preemption signal (:class:`~lit_rlhf.callbacks.StageCheckpoint`) exits with
 ``128 + signal`` (143 for SIGTERM) after writing ``last.ckpt``.
+
+Every stage prints a progress line every 30 s where its output is not a terminal
+(:class:`~lit_rlhf.callbacks.ProgressLines`; a config listing one sets its interval).
 """
 
 from __future__ import annotations
