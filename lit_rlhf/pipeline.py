@@ -174,6 +174,8 @@ def _steps_of(config_dir: Path) -> tuple[list[tuple[str, str, str, str]], str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m lit_rlhf.pipeline CONFIG_DIR [--precision P] [--keep] ...``: say the precision and rough duration,
+    run each step of the recipe as a ``lit-rlhf`` subprocess, time it, and print the run's summary."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config_dir", type=Path, help="directory with sft.yaml, rm.yaml, ppo.yaml (and dpo.yaml, online_dpo.yaml)")
     parser.add_argument("--precision", default="auto", help="Lightning precision, or 'auto' (CPU: see cpu_precision)")

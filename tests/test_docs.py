@@ -99,6 +99,39 @@ def documented_names(name: str) -> list[str]:
     return [part.strip().lstrip("*") for part in re.split(r"[,/]", name) if part.strip()]
 
 
+def undocumented_public_names() -> list[str]:
+    """Every public module, class, function and method of lit_rlhf without a docstring (a method overriding a
+    documented one, e.g. a Lightning hook, inherits its docstring)."""
+    import importlib
+    import pkgutil
+
+    import lit_rlhf
+
+    missing = [] if (lit_rlhf.__doc__ or "").strip() else ["lit_rlhf (module)"]
+    for info in pkgutil.walk_packages(lit_rlhf.__path__, "lit_rlhf."):
+        module = importlib.import_module(info.name)
+        if not (module.__doc__ or "").strip():
+            missing.append(f"{info.name} (module)")
+        for name, obj in vars(module).items():
+            if name.startswith("_") or getattr(obj, "__module__", None) != info.name:
+                continue
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and not (inspect.getdoc(obj) or "").strip():
+                missing.append(f"{info.name}.{name}")
+            if not inspect.isclass(obj):
+                continue
+            for attr, value in vars(obj).items():
+                if attr.startswith("_") or not (inspect.isfunction(value) or isinstance(value, (property, staticmethod, classmethod))):
+                    continue
+                if not (inspect.getdoc(getattr(obj, attr, None)) or "").strip() and not (inspect.getdoc(value) or "").strip():
+                    missing.append(f"{info.name}.{name}.{attr}")
+    return missing
+
+
+def test_every_public_name_has_a_docstring():
+    """The API reference is generated from the docstrings: no public name without one."""
+    assert undocumented_public_names() == []
+
+
 def test_docstring_args_name_real_parameters():
     """Every ``Args:`` entry of every docstring in the package names parameters of its function (or of its class's
     ``__init__``), every ``Attributes:`` entry of a class one of its members. mkdocs.yml turns griffe's own check off

@@ -1,0 +1,1 @@
+"""From rows to batches: dataset formats, templates, fixed-shape examples, loading and the DataModules."""

@@ -103,6 +103,7 @@ class Source:
             self.name = Path(self.path.rstrip("/")).name or self.path
 
     def columns(self) -> Columns:
+        """The column names this source reads its fields from (the keys of its rows)."""
         return Columns(**{f.name: getattr(self, f.name) for f in fields(Columns)})
 
 
@@ -229,6 +230,7 @@ class EpochShuffleSampler(Sampler[int]):
         self.num_rows, self.seed, self.epoch = num_rows, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch``'s permutation from the next iteration on (Lightning calls it at every epoch's start)."""
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
@@ -576,9 +578,12 @@ class SFTDataModule(_DataModule):
         self.response_length, self.max_length = response_length, max_length
 
     def lengths(self) -> Lengths:
+        """The token lengths (query, response, whole row) every example is cut or padded to."""
         return Lengths(self.query_length, self.response_length, self.max_length, self.long_responses)
 
     def shapes(self) -> dict[str, set[int]]:
+        """The widths (tokens) each batch key may have: ``query_ids`` ``(B, query_length)``, ``input_ids``
+        ``(B, max_length)``."""
         return {"query_ids": {self.query_length}, "input_ids": {self.max_length}}
 
 
@@ -666,10 +671,13 @@ class PromptDataModule(_DataModule):
         self.ptx_batch_size, self.ptx_path, self.ptx_samples = ptx_batch_size, ptx_path, ptx_samples
 
     def lengths(self) -> Lengths:
+        """The token lengths (query, response, whole row, reference answer) every example is cut or padded to."""
         return Lengths(self.query_length, self.response_length, self.max_length, self.long_responses,
                        reference_length=self.reference_length)
 
     def shapes(self) -> dict[str, set[int]]:
+        """The widths (tokens) each batch key may have: ``query_ids`` ``(B, query_length)``, ``reference_ids``
+        ``(B, reference_length or response_length)``."""
         return {"query_ids": {self.query_length}, "reference_ids": {self.reference_length or self.response_length}}
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -770,10 +778,12 @@ class PreferenceDataModule(_DataModule):
         self.sft_response_length, self.sft_max_length = sft_response_length, sft_max_length
 
     def lengths(self) -> Lengths:
+        """The token lengths every comparison is cut or padded to (TL;DR and CNN/DM queries and rows apart)."""
         return Lengths(self.query_length, self.response_length, self.max_length, self.long_responses,
                        self.cnndm_query_length, self.cnndm_max_length)
 
     def shapes(self) -> dict[str, set[int]]:
+        """The widths (tokens) each batch key may have: queries, whole chosen/rejected rows and their responses."""
         sequences, responses = {self.max_length, self.cnndm_max_length}, {self.response_length}
         return {
             "query_ids": {self.query_length, self.cnndm_query_length}, "chosen_ids": sequences, "rejected_ids": sequences,

@@ -108,6 +108,7 @@ class Record:
 
     @property
     def is_pair(self) -> bool:
+        """Whether the record is a preference pair (has a chosen and a rejected response)."""
         return self.chosen is not None
 
     @property

@@ -102,6 +102,7 @@ class Verdict:
     cached: bool = False
 
     def to_dict(self) -> dict:
+        """The verdict as a JSON-ready dict (its fields by name)."""
         return asdict(self)
 
 

@@ -254,6 +254,8 @@ def chat_summary(run_dir: Path) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    """``python -m lit_rlhf.evaluation.report [RUN_DIR]`` (``make report``): print the summary of a pipeline's run
+    directory (default ``runs/quickstart``): the TL;DR summary, or the chat one when the run has an ``eval`` result."""
     argv = sys.argv[1:] if argv is None else argv
     run_dir = Path(argv[0] if argv else "runs/quickstart")
     chat = (run_dir / "eval" / "results.json").is_file() and not any((run_dir / name).is_dir() for name in POLICY_GRADIENT_RUNS)

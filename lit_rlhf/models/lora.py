@@ -91,16 +91,20 @@ class AdaptersDisabled:
 
     @property
     def device(self) -> torch.device:
+        """The peft model's device."""
         return self.peft_model.device
 
     @property
     def config(self) -> Any:
+        """The peft model's (base model's) config."""
         return self.peft_model.config
 
     def eval(self) -> "AdaptersDisabled":
+        """A no-op: the view has no mode of its own (the peft model's is the policy's)."""
         return self
 
     def requires_grad_(self, requires_grad: bool = True) -> "AdaptersDisabled":
+        """A no-op: freezing the reference view must not freeze the policy it shares its weights with."""
         return self
 
 

@@ -51,6 +51,7 @@ class PolicyValidation:
     policy_trunk: FrozenTrunk = FrozenTrunk()
 
     def init_policy_validation(self) -> None:
+        """Create the validation metrics and sample lists (call it in the stage's ``__init__``)."""
         self.val_scores, self.val_kl, self.val_length, self.val_eos = MeanMetric(), MeanMetric(), MeanMetric(), MeanMetric()
         self.val_reward = MeanMetric()  # the training reward when reward functions take part (validation_rewards)
         # per prompt with a reference: 1 the response beats the reference, 0.5 tie, 0 loss (NaN rows: no reference)
@@ -70,6 +71,7 @@ class PolicyValidation:
         return None
 
     def on_validation_epoch_start(self) -> None:
+        """Start a validation run: no samples yet, and whether the policy is its reference (then KL 0 unmeasured)."""
         self.validation_samples = []
         self.reference_is_policy = identical_models(self.policy, self.eval_reference())
 
@@ -109,6 +111,9 @@ class PolicyValidation:
                 })
 
     def on_validation_epoch_end(self) -> None:
+        """Log ``eval/scores``, ``eval/kl``, ``eval/response_length``, ``eval/eos_fraction``, ``eval/temperature``,
+        ``eval/reward`` (reward functions), the win rate against the references with its 95% interval and the
+        per-source scores, gathered over every rank."""
         metrics = {
             "eval/scores": self.val_scores, "eval/kl": self.val_kl,
             "eval/response_length": self.val_length, "eval/eos_fraction": self.val_eos,
