@@ -412,7 +412,7 @@ class ProgressLines(L.Callback):
 
     def __init__(self, interval: float = 30.0) -> None:
         if interval < 0:
-            raise ValueError(f"interval must be >= 0 seconds, got {interval}")
+            raise ValueError(f"ProgressLines: interval must be >= 0 seconds, got {interval}")
         self.interval = interval
         self._last = self._start = self._validation_start = 0.0
         self._first_done = self._validation_done = 0
